@@ -1,0 +1,1 @@
+"""Stage 1: run the frozen diffusion backbone over every tile once and cache its decoder features."""

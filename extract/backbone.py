@@ -1,0 +1,330 @@
+"""The frozen feature extractor: UNet, first stage, noise schedule and SSL projector, as diffusers models.
+
+A backbone is loaded from the built-in `tiny` preset, from a diffusers-format directory, or (see
+`ldm_checkpoint`) from an original LDM checkpoint. Whatever the source, extraction sees one
+`Backbone`, and the store records its `digest` so features from different weights never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from pathseg.errors import PathsegError
+
+PROJECTOR_WEIGHTS = "model.safetensors"
+PROJECTOR_CONFIG = "config.json"
+
+
+class SSLProjector(nn.Module):
+    """The LDM's `SSLEmbedder`: L2-normalised patch (20x) and region (5x) embeddings, each projected to one token.
+
+    Training dropped the condition by zeroing the embedding, so zeros in give the "null" context
+    (the two biases): a valid unconditional mode that needs no SSL encoder at all.
+    """
+
+    def __init__(self, patch_dim: int = 384, region_dim: int = 768, context_dim: int = 512) -> None:
+        super().__init__()
+        self.patch_dim, self.region_dim, self.context_dim = patch_dim, region_dim, context_dim
+        self.patch_fc = nn.Linear(patch_dim, context_dim)
+        self.region_fc = nn.Linear(region_dim, context_dim)
+
+    def config(self) -> dict[str, int]:
+        return {"patch_dim": self.patch_dim, "region_dim": self.region_dim, "context_dim": self.context_dim}
+
+    def forward(self, patch: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+        if region is None:
+            region = patch.new_zeros(patch.shape[0], self.region_dim)
+        patch = F.normalize(patch, dim=-1)
+        region = F.normalize(region, dim=-1)
+        return torch.stack([self.patch_fc(patch), self.region_fc(region)], dim=1)
+
+    def null_context(self, batch: int) -> torch.Tensor:
+        weight = self.patch_fc.weight
+        return self(weight.new_zeros(batch, self.patch_dim), weight.new_zeros(batch, self.region_dim))
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / PROJECTOR_CONFIG).write_text(json.dumps(self.config(), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / PROJECTOR_WEIGHTS))
+
+    @classmethod
+    def load(cls, directory: Path) -> SSLProjector:
+        config_path, weights_path = directory / PROJECTOR_CONFIG, directory / PROJECTOR_WEIGHTS
+        for path in (config_path, weights_path):
+            if not path.exists():
+                raise PathsegError(f"{path} is missing; a backbone directory needs ssl_projector/{path.name}")
+        projector = cls(**json.loads(config_path.read_text()))
+        state = load_file(str(weights_path))
+        try:
+            projector.load_state_dict(state)
+        except RuntimeError as error:
+            raise PathsegError(
+                f"{weights_path}: weights do not fit its config.json ({str(error).splitlines()[0]})"
+            ) from None
+        return projector
+
+
+FirstStage = VQModel | AutoencoderKL
+
+
+@dataclass
+class Backbone:
+    unet: UNet2DConditionModel
+    first_stage: FirstStage
+    scheduler: DDPMScheduler
+    projector: SSLProjector
+    source: str
+    digest: str
+
+    def modules(self) -> list[nn.Module]:
+        return [self.unet, self.first_stage, self.projector]
+
+    def to(self, device: torch.device | str) -> Backbone:
+        for module in self.modules():
+            module.to(device).eval().requires_grad_(False)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """z_0 from images in [-1, 1]. VQ: the pre-quantisation output, as the LDM trained on; KL: the mean."""
+        if isinstance(self.first_stage, VQModel):
+            latents = self.first_stage.encode(images).latents
+        else:
+            latents = self.first_stage.encode(images).latent_dist.mode()
+        return latents * self.latent_scale
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.first_stage.config, "scaling_factor", 1.0) or 1.0)
+
+    def identity(self) -> dict:
+        unet_config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        return {
+            "source": self.source,
+            "digest": self.digest,
+            "unet_class": type(self.unet).__name__,
+            "first_stage_class": type(self.first_stage).__name__,
+            "block_out_channels": list(unet_config["block_out_channels"]),
+            "cross_attention_dim": unet_config["cross_attention_dim"],
+        }
+
+    def save(self, directory: Path) -> None:
+        """The diffusers-format directory that `load_backbone_dir` reads back."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(directory / "unet")
+        self.first_stage.save_pretrained(directory / "first_stage")
+        self.scheduler.save_pretrained(directory / "scheduler")
+        self.projector.save(directory / "ssl_projector")
+
+
+def ldm_scheduler() -> DDPMScheduler:
+    """The LDM's "linear" schedule is linear in sqrt(beta): diffusers calls that scaled_linear."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+def unet_config(
+    model_channels: int,
+    channel_mult: list[int],
+    num_res_blocks: int,
+    attention_levels: list[bool],
+    context_dim: int,
+    num_heads: int = 1,
+    in_channels: int = 3,
+    sample_size: int = 64,
+) -> dict:
+    """diffusers arguments for an LDM `openaimodel.UNetModel` with a spatial transformer.
+
+    `attention_head_dim` is, for historical reasons, the number of heads in diffusers' UNet;
+    LDM's ResBlocks use timestep embeddings of 4x model_channels and cos-first sinusoids.
+    """
+    down = ["CrossAttnDownBlock2D" if attn else "DownBlock2D" for attn in attention_levels]
+    up = ["CrossAttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(attention_levels)]
+    return {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "block_out_channels": [model_channels * m for m in channel_mult],
+        "layers_per_block": num_res_blocks,
+        "cross_attention_dim": context_dim,
+        "attention_head_dim": num_heads,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "norm_num_groups": 32,
+        "use_linear_projection": False,
+    }
+
+
+def vq_config(ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, embed_dim: int, n_embed: int) -> dict:
+    """diffusers arguments for the LDM's `VQModelInterface` (taming-style encoder with a mid attention)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * len(ch_mult),
+        "up_block_types": ["UpDecoderBlock2D"] * len(ch_mult),
+        "block_out_channels": [ch * m for m in ch_mult],
+        "layers_per_block": num_res_blocks,
+        "latent_channels": z_channels,
+        "num_vq_embeddings": n_embed,
+        "vq_embed_dim": embed_dim,
+        "norm_num_groups": 32,
+        "scaling_factor": 1.0,
+    }
+
+
+TINY = {
+    "unet": unet_config(32, [1, 2, 3, 5], 2, [False, True, True, True], context_dim=64),
+    "first_stage": vq_config(32, [1, 2, 4], 1, z_channels=3, embed_dim=3, n_embed=256),
+    "projector": {"patch_dim": 384, "region_dim": 768, "context_dim": 64},
+}
+PAPER = {
+    "unet": unet_config(192, [1, 2, 3, 5], 2, [False, True, True, True], context_dim=512),
+    "first_stage": vq_config(128, [1, 2, 4], 2, z_channels=3, embed_dim=3, n_embed=8192),
+    "projector": {"patch_dim": 384, "region_dim": 768, "context_dim": 512},
+}
+
+
+def state_digest(modules: list[nn.Module]) -> str:
+    """A hash of the weights themselves, so the store can tell two sets of weights apart."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_random(preset: dict, seed: int, source: str) -> Backbone:
+    """Seeded random weights: same structure as a real backbone, for demos, tests and benchmarks."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**preset["unet"])
+        first_stage = VQModel(**preset["first_stage"])
+        projector = SSLProjector(**preset["projector"])
+    modules: list[nn.Module] = [unet, first_stage, projector]
+    backbone = Backbone(unet, first_stage, ldm_scheduler(), projector, source, state_digest(modules))
+    return backbone.to("cpu")
+
+
+def file_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_first_stage(directory: Path) -> FirstStage:
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise PathsegError(f"{config_path} is missing; a backbone directory needs first_stage/config.json")
+    class_name = json.loads(config_path.read_text()).get("_class_name", "VQModel")
+    classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
+    if class_name not in classes:
+        raise PathsegError(f"{config_path}: first stage {class_name!r} is not supported; use VQModel or AutoencoderKL")
+    return classes[class_name].from_pretrained(directory)
+
+
+def load_backbone_dir(directory: Path) -> Backbone:
+    """A diffusers-format directory: unet/, first_stage/, scheduler/, ssl_projector/."""
+    directory = Path(directory)
+    for part in ("unet", "first_stage", "scheduler", "ssl_projector"):
+        if not (directory / part).is_dir():
+            raise PathsegError(
+                f"backbone directory {directory} has no {part}/; expected unet/, first_stage/, scheduler/, "
+                "ssl_projector/ (make one with `pathseg convert-ldm`)"
+            )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+        first_stage = _load_first_stage(directory / "first_stage")
+        scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
+    except (OSError, ValueError, RuntimeError) as error:
+        raise PathsegError(f"backbone directory {directory}: {str(error).splitlines()[0]}") from None
+    projector = SSLProjector.load(directory / "ssl_projector")
+    weights = [p for p in directory.rglob("*") if p.suffix in {".safetensors", ".bin"}]
+    backbone = Backbone(unet, first_stage, scheduler, projector, str(directory.resolve()), file_digest(weights))
+    return backbone.to("cpu")
+
+
+def load_backbone(name: str, config_path: Path | None = None, seed: int = 0) -> Backbone:
+    """`tiny`, `paper-random`, a diffusers-format directory, or an original `.ckpt` with its YAML."""
+    if name == "tiny":
+        return build_random(TINY, seed, f"tiny(seed={seed})")
+    if name == "paper-random":
+        return build_random(PAPER, seed, f"paper-random(seed={seed})")
+    path = Path(name)
+    if path.is_dir():
+        return load_backbone_dir(path)
+    if path.suffix == ".ckpt":
+        from pathseg.extract.ldm_checkpoint import load_ldm_checkpoint
+
+        if config_path is None:
+            raise PathsegError(f"{path}: an original LDM checkpoint needs its project YAML (--backbone-config)")
+        return load_ldm_checkpoint(path, config_path)
+    _unknown_backbone(name)
+
+
+def unet_config_for(name: str, config_path: Path | None = None) -> dict:
+    """The UNet's constructor arguments without building it, so cached stores answer in seconds."""
+    if name == "tiny":
+        return TINY["unet"]
+    if name == "paper-random":
+        return PAPER["unet"]
+    path = Path(name)
+    if path.is_dir():
+        config_file = path / "unet" / "config.json"
+        if not config_file.exists():
+            raise PathsegError(f"backbone directory {path} has no unet/config.json")
+        return json.loads(config_file.read_text())
+    if path.suffix == ".ckpt" and config_path is not None:
+        from pathseg.extract.ldm_checkpoint import backbone_configs_from_yaml, read_ldm_yaml
+
+        return backbone_configs_from_yaml(read_ldm_yaml(config_path))["unet"]
+    _unknown_backbone(name)
+
+
+def _unknown_backbone(name: str) -> NoReturn:
+    raise PathsegError(
+        f"backbone {name!r} is neither 'tiny', 'paper-random', a diffusers-format directory, "
+        "nor an existing .ckpt file with --backbone-config"
+    )
+
+
+def backbone_fingerprint(name: str, config_path: Path | None = None, seed: int = 0) -> dict:
+    """Identifies the weights from their files (or preset and seed) without building the model."""
+    if name in ("tiny", "paper-random"):
+        return {"preset": name, "seed": seed}
+    path = Path(name)
+    if path.is_dir():
+        weights = [p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin"}]
+        return {"directory": str(path.resolve()), "weights_digest": file_digest(weights)}
+    if path.suffix == ".ckpt" and path.is_file() and config_path is not None and Path(config_path).is_file():
+        return {
+            "checkpoint": str(path.resolve()),
+            "weights_digest": file_digest([path]),
+            "config_digest": file_digest([Path(config_path)]),
+        }
+    _unknown_backbone(name)

@@ -1,0 +1,109 @@
+"""The cross-attention context for each tile: the null context, or SSL embeddings through the projector.
+
+SSL encoders are looked up by name in `SSL_ENCODERS`; each factory takes an optional local weights
+file and returns an `SSLEncoder` (a module mapping images in [0, 1] to embeddings, plus how it
+wants its input resized and normalised).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pathseg.extract.backbone import SSLProjector
+from torch import nn
+from torch.nn import functional as F
+
+from pathseg.config import ConditioningConfig
+from pathseg.errors import PathsegError
+from pathseg.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SSLEncoder:
+    """An embedding model and the input it expects; `identity` goes into the store's fingerprint."""
+
+    module: nn.Module
+    input_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    identity: str = ""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of (B, 3, H, W) images in [0, 1], resized and normalised as the encoder was trained."""
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
+            )
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        return self.module((images - mean) / std)
+
+
+SSL_ENCODERS: Registry[Callable[[Path | None], SSLEncoder]] = Registry("SSL encoder")
+
+
+def weights_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Conditioning:
+    """Maps a batch of tiles to the UNet's context: null (no encoder) or SSL-conditioned."""
+
+    def __init__(self, projector: SSLProjector, patch: SSLEncoder | None = None, region: SSLEncoder | None = None):
+        self.projector = projector
+        self.patch = patch
+        self.region = region
+
+    @property
+    def mode(self) -> str:
+        return "null" if self.patch is None else "ssl"
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        for encoder in (self.patch, self.region):
+            if encoder is not None:
+                encoder.module.to(device).eval().requires_grad_(False)
+        return self
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        """`tiles`: (B, 3, T, T) in [0, 1]; returns (B, tokens, context_dim)."""
+        if self.patch is None:
+            return self.projector.null_context(tiles.shape[0])
+        patch = self.patch.embed(tiles).float()
+        region = self.region.embed(tiles).float() if self.region is not None else None
+        return self.projector(patch, region)
+
+    def identity(self) -> dict:
+        return {
+            "mode": self.mode,
+            "patch_encoder": self.patch.identity if self.patch else None,
+            "region_encoder": self.region.identity if self.region else None,
+        }
+
+
+def _load_encoder(name: str, weights: Path | None) -> SSLEncoder:
+    if weights is not None and not Path(weights).is_file():
+        raise PathsegError(f"SSL encoder weights {weights} do not exist; check conditioning.encoder_weights")
+    return SSL_ENCODERS.get(name)(weights)
+
+
+def build_conditioning(config: ConditioningConfig, projector: SSLProjector) -> Conditioning:
+    if config.mode == "null":
+        return Conditioning(projector)
+    if config.encoder is None:
+        raise PathsegError("conditioning.mode is 'ssl' but conditioning.encoder is not set; name an SSL encoder")
+    patch = _load_encoder(config.encoder, config.encoder_weights)
+    region = None
+    if config.region_encoder is not None:
+        region = _load_encoder(config.region_encoder, config.region_encoder_weights)
+    return Conditioning(projector, patch, region)

@@ -1,0 +1,243 @@
+"""Stage 1: tiles -> z_0 -> seeded noise at each timestep -> conditioned UNet -> hooked features -> store.
+
+Work is done shard by shard: every (timestep, block) array missing that shard gets it from one pass
+over its tiles, and each shard is written whole and then flagged, so a re-run computes only what is
+missing and a new timestep or block extends the store instead of rebuilding it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pathseg.extract.backbone import Backbone, backbone_fingerprint, load_backbone, unet_config_for
+from pathseg.extract.blocks import FeatureCapture, UNetLayout, block_table, canonical_block
+from pathseg.extract.conditioning import build_conditioning, weights_digest
+from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, tile_noise
+
+from pathseg.config import PipelineConfig, config_to_dict
+from pathseg.datasets import build_dataset
+from pathseg.errors import PathsegError
+from pathseg.progress import progress_bar
+from pathseg.store import FeatureStore, digest, feature_key, store_path_for
+
+
+@dataclass
+class ExtractionSummary:
+    store: Path
+    computed_tiles: int = 0
+    computed_arrays: list[str] = field(default_factory=list)
+    prepared_images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.computed_tiles == 0 and self.prepared_images == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PathsegError(f"extract.device {name!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PathsegError(f"extract.device is {name!r} but no CUDA GPU is visible; use auto or cpu")
+    return device
+
+
+def autocast_for(device: torch.device, setting: str):
+    """bfloat16 on GPUs by default (fp32 accumulation, no overflow); exact fp32 on CPU unless asked."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return nullcontext()
+    dtype = torch.float16 if setting == "float16" else torch.bfloat16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def conditioning_fingerprint(config: PipelineConfig) -> dict:
+    c = config.conditioning
+    identity: dict = {"mode": c.mode}
+    if c.mode == "ssl":
+        for name, weights, key in (
+            (c.encoder, c.encoder_weights, "patch"),
+            (c.region_encoder, c.region_encoder_weights, "region"),
+        ):
+            if name is not None:
+                digest_ = weights_digest(weights) if weights is not None and Path(weights).is_file() else None
+                identity[key] = {"encoder": name, "weights_digest": digest_}
+    return identity
+
+
+def store_identity(config: PipelineConfig, dataset_identity: dict) -> dict:
+    b = config.backbone
+    return {
+        "dataset": dataset_identity,
+        "backbone": {"name": b.name, **backbone_fingerprint(b.name, b.config, b.seed)},
+        "conditioning": conditioning_fingerprint(config),
+        "tiling": config.tiling.model_dump(mode="json"),
+        "noise_seed": config.extract.noise_seed,
+    }
+
+
+def requested_arrays(config: PipelineConfig, layout: UNetLayout) -> list[tuple[int, str]]:
+    blocks = list(dict.fromkeys(canonical_block(name, layout) for name in config.extract.blocks))
+    return [(t, b) for t in config.extract.timesteps for b in blocks]
+
+
+def _open_store(
+    config: PipelineConfig, path: Path, identity: dict, fingerprint: str, dataset, records, overwrite: bool
+) -> FeatureStore:
+    if (path / "zarr.json").exists():
+        store = FeatureStore.open(path, mode="a")
+        if store.fingerprint == fingerprint:
+            return store
+        if not overwrite:
+            raise PathsegError(
+                f"{path} holds features of other data or weights (fingerprint {store.fingerprint[:12]} != "
+                f"{fingerprint[:12]}); rerun with --overwrite to replace it"
+            )
+    t = config.tiling
+    entries, origins = plan_tiles(records, t.tile_size, t.stride)
+    return FeatureStore.create(
+        path,
+        fingerprint=fingerprint,
+        identity=identity,
+        config=config_to_dict(config),
+        class_names=list(dataset.class_names),
+        ignore_index=dataset.ignore_index,
+        tile_size=t.tile_size,
+        images=entries,
+        origins=origins,
+        has_instances=dataset.has_instances,
+        compression_level=config.extract.compression_level,
+        tiles_per_shard=config.extract.tiles_per_shard,
+    )
+
+
+def _prepare_images(store: FeatureStore, records, config: PipelineConfig, show_progress: bool) -> int:
+    """Whole images and their labels go in first: stage 2 evaluates on them without the source files."""
+    t = config.tiling
+    entries = store.images
+    todo = np.flatnonzero(~store.image_done())
+    with progress_bar("images", len(todo), "images", show_progress) as advance:
+        for index in todo:
+            rgb, labels, instances, tile_labels = labels_for_tiles(
+                records[index], entries[index], t.tile_size, t.stride, t.pad_mode
+            )
+            store.write_image(int(index), rgb, labels, instances, tile_labels)
+            advance(1)
+    return len(todo)
+
+
+def _to_model_input(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (k, T, T, 3) -> float (k, 3, T, T) in [0, 1], on the device."""
+    tensor = torch.from_numpy(tiles).to(device, non_blocking=True)
+    return tensor.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class _Extractor:
+    def __init__(self, backbone: Backbone, config: PipelineConfig, device: torch.device) -> None:
+        self.backbone = backbone
+        self.conditioning = build_conditioning(config.conditioning, backbone.projector).to(device)
+        self.config = config
+        self.device = device
+        self.scheduler_alphas = backbone.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def features(
+        self, tiles: np.ndarray, noise: torch.Tensor, wanted: dict[int, list[str]]
+    ) -> dict[tuple[int, str], np.ndarray]:
+        """Features for one batch of tiles, for every timestep -> blocks asked."""
+        images01 = _to_model_input(tiles, self.device)
+        out: dict[tuple[int, str], np.ndarray] = {}
+        with autocast_for(self.device, self.config.extract.autocast):
+            z0 = self.backbone.encode(images01 * 2.0 - 1.0).float()
+            context = self.conditioning(images01)
+            noise = noise.to(self.device)
+            for timestep, blocks in wanted.items():
+                abar = self.scheduler_alphas[timestep]
+                zt = abar.sqrt() * z0 + (1.0 - abar).sqrt() * noise
+                steps = torch.full((z0.shape[0],), timestep, device=self.device, dtype=torch.long)
+                captured = FeatureCapture(self.backbone.unet, blocks)(zt, steps, context)
+                for block, value in captured.items():
+                    out[(timestep, block)] = value.to(torch.float16).cpu().numpy()
+        return out
+
+
+def run_extraction(
+    config: PipelineConfig, *, overwrite: bool = False, show_progress: bool = True, store_path: Path | None = None
+) -> ExtractionSummary:
+    import time
+
+    started = time.perf_counter()
+    dataset = build_dataset(config.dataset)
+    records = dataset.records()
+    if not records:
+        raise PathsegError(f"dataset {config.dataset.name!r} has no images for splits {config.dataset.splits}")
+    path = Path(store_path) if store_path else store_path_for(config)
+    layout = UNetLayout.of(unet_config_for(config.backbone.name, config.backbone.config))
+    pairs = requested_arrays(config, layout)
+    identity = store_identity(config, dataset.identity())
+    fingerprint = digest(identity)
+    store = _open_store(config, path, identity, fingerprint, dataset, records, overwrite)
+    summary = ExtractionSummary(store=path)
+    summary.prepared_images = _prepare_images(store, records, config, show_progress)
+
+    table = block_table(layout)
+    latent = config.tiling.tile_size // 4
+    for timestep, block in pairs:
+        info = table[block]
+        size = latent // info.downsample
+        store.ensure_feature(timestep, block, info.channels, size, size)
+    work: dict[int, dict[int, list[str]]] = {}
+    for timestep, block in pairs:
+        for shard in store.missing_shards(timestep, block):
+            work.setdefault(shard, {}).setdefault(timestep, []).append(block)
+    if not work:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    device = pick_device(config.extract.device)
+    backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed).to(device)
+    extractor = _Extractor(backbone, config, device)
+    t = config.tiling
+    source = TileSource(records, store.images, t.tile_size, t.stride, t.pad_mode)
+    per_shard = store.tiles_per_shard
+    total_tiles = sum(min((s + 1) * per_shard, store.n_tiles) - s * per_shard for s in work)
+    batch = config.extract.batch_size
+    computed = set()
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-write") as writer,
+        progress_bar("extract", int(total_tiles), "tiles", show_progress) as advance,
+    ):
+        pending: list[Future] = []
+        for shard in sorted(work):
+            start, stop = shard * per_shard, min((shard + 1) * per_shard, store.n_tiles)
+            wanted = work[shard]
+            results = {(ts, b): [] for ts, blocks in wanted.items() for b in blocks}
+            for lo in range(start, stop, batch):
+                hi = min(lo + batch, stop)
+                noise = tile_noise(config.extract.noise_seed, source.noise_keys(lo, hi), (3, latent, latent))
+                for key, value in extractor.features(source.tiles(lo, hi), noise, wanted).items():
+                    results[key].append(value)
+                advance(hi - lo)
+            for future in pending:
+                future.result()
+            pending = [
+                writer.submit(store.write_shard, ts, b, shard, np.concatenate(chunks))
+                for (ts, b), chunks in results.items()
+            ]
+            computed.update(feature_key(ts, b) for ts, b in results)
+            summary.computed_tiles += stop - start
+        for future in pending:
+            future.result()
+    summary.computed_arrays = sorted(computed)
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,176 @@
+"""`pathseg` on the command line: parse flags into config overrides, call one function per command.
+
+Every user error surfaces as one line on stderr and exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pathseg.config import PipelineConfig, load_config, parse_override
+from pathseg.errors import PathsegError
+from pathseg.progress import console, say
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Segment H&E histology with a frozen diffusion backbone's cached features (PathSegDiff).",
+)
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature stores.")
+backbone_app = typer.Typer(no_args_is_help=True, help="Inspect backbones.")
+app.add_typer(cache_app, name="cache")
+app.add_typer(backbone_app, name="backbone")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="pipeline.yaml to read (default: built-in defaults)")
+]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="override any setting: section.key=value (repeatable)")
+]
+DatasetOption = Annotated[str | None, typer.Option("--dataset", help="dataset name (synthetic, glas, ...)")]
+DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="folder holding the dataset's files")]
+BackboneOption = Annotated[
+    str | None, typer.Option("--backbone", help="tiny, paper-random, a diffusers directory or a .ckpt")
+]
+BackboneConfigOption = Annotated[
+    Path | None, typer.Option("--backbone-config", help="the original LDM project YAML of a .ckpt")
+]
+TimestepsOption = Annotated[
+    str | None, typer.Option("--timesteps", help="comma-separated noise timesteps, e.g. 50,150,250")
+]
+BlocksOption = Annotated[
+    str | None, typer.Option("--blocks", help="comma-separated blocks, e.g. up1,up2.2 or output_blocks.5")
+]
+StoreOption = Annotated[
+    Path | None, typer.Option("--store", help="feature store path (default: derived from the config)")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _split(text: str | None, cast=str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [cast(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PathsegError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def build_config(config: Path | None, sets: list[str] | None, **flags: Any) -> PipelineConfig:
+    """Flags win over --set, which wins over the YAML file."""
+    overrides: dict[str, Any] = dict(parse_override(item) for item in sets or [])
+    mapping = {
+        "dataset": "dataset.name",
+        "data_root": "dataset.root",
+        "backbone": "backbone.name",
+        "backbone_config": "backbone.config",
+        "timesteps": "extract.timesteps",
+        "blocks": "extract.blocks",
+        "head_timesteps": "head.timesteps",
+        "head_blocks": "head.blocks",
+        "epochs": "train.epochs",
+        "splits": "evaluate.splits",
+    }
+    for flag, value in flags.items():
+        if value is not None:
+            overrides[mapping[flag]] = str(value) if isinstance(value, Path) else value
+    return load_config(config, overrides)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(2)
+
+
+@app.command()
+def extract(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    backbone: BackboneOption = None,
+    backbone_config: BackboneConfigOption = None,
+    timesteps: TimestepsOption = None,
+    blocks: BlocksOption = None,
+    store: StoreOption = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a store made from other data or weights")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Stage 1: run the backbone over every tile once and cache decoder features in a Zarr store."""
+    from pathseg.extract.runner import run_extraction
+
+    cfg = build_config(
+        config,
+        set_,
+        dataset=dataset,
+        data_root=data_root,
+        backbone=backbone,
+        backbone_config=backbone_config,
+        timesteps=_split(timesteps, int),
+        blocks=_split(blocks),
+    )
+    summary = run_extraction(cfg, overwrite=overwrite, show_progress=not quiet, store_path=store)
+    if summary.nothing_to_do:
+        say(f"store {summary.store} already holds everything asked: nothing to compute")
+    else:
+        say(
+            f"wrote {summary.store}: {summary.prepared_images} images, {summary.computed_tiles} tiles x "
+            f"{len(summary.computed_arrays)} arrays in {summary.seconds:.1f} s"
+        )
+
+
+@cache_app.command("ls")
+def cache_ls(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """List the stores under the cache directory."""
+    from pathseg.reports import store_list_table
+    from pathseg.store import list_stores
+
+    cfg = build_config(config, set_)
+    stores = list_stores(cfg.cache_dir)
+    if not stores:
+        say(f"no feature stores under {cfg.cache_dir}")
+        return
+    print(store_list_table(stores))
+
+
+@cache_app.command("info")
+def cache_info(
+    store: Annotated[Path, typer.Argument(help="path of a feature store")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """What a store holds: arrays, shapes, bytes on disk, compression ratio, completeness."""
+    from pathseg.reports import store_info_text
+    from pathseg.store import FeatureStore
+
+    info = FeatureStore.open(store).info()
+    print(json.dumps(info, indent=2) if as_json else store_info_text(info))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except PathsegError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        say("interrupted: finished shards are kept; rerun the same command to resume")
+        sys.exit(130)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except SystemExit:
+        raise
+    except Exception as error:
+        # usage errors (unknown option, bad value) from typer's bundled click
+        if hasattr(error, "show") and hasattr(error, "exit_code"):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The pipeline's settings: one YAML drives both stages, and every key is checked.
+
+Unknown or mistyped keys fail instead of being ignored: a typo in an ablation config that silently
+falls back to a default would produce a wrong result that looks right.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pathseg.errors import PathsegError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticOptions(Section):
+    """Sizes of the generated dataset; odd sizes on purpose, so padding and stitching are exercised."""
+
+    train: int = Field(8, ge=1)
+    val: int = Field(2, ge=0)
+    test: int = Field(4, ge=0)
+    height: int = Field(288, ge=32)
+    width: int = Field(352, ge=32)
+    seed: int = 0
+
+
+class GlaSOptions(Section):
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of train patients held out")
+    split_seed: int = 0
+
+
+class DatasetConfig(Section):
+    name: str = "synthetic"
+    root: Path | None = None
+    splits: list[str] | None = None
+    synthetic: SyntheticOptions = SyntheticOptions()
+    glas: GlaSOptions = GlaSOptions()
+
+
+class TilingConfig(Section):
+    tile_size: int = Field(256, ge=32)
+    stride: int = Field(192, ge=1)
+    pad_mode: Literal["reflect", "symmetric", "edge", "constant"] = "reflect"
+
+    @field_validator("tile_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"tile_size {value} must be a multiple of 32 (f4 latent, 3 UNet downsamplings)")
+        return value
+
+
+class BackboneConfig(Section):
+    name: str = "tiny"
+    config: Path | None = None
+    seed: int = 0
+
+
+class ConditioningConfig(Section):
+    mode: Literal["null", "ssl"] = "null"
+    encoder: str | None = None
+    encoder_weights: Path | None = None
+    region_encoder: str | None = None
+    region_encoder_weights: Path | None = None
+
+
+class ExtractConfig(Section):
+    timesteps: list[int] = [50, 150, 250]
+    blocks: list[str] = ["up1", "up2", "up3.2"]
+    noise_seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+    autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    tiles_per_shard: int = Field(16, ge=1)
+    compression_level: int = Field(3, ge=1, le=22)
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps_valid(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("at least one timestep is needed")
+        bad = [t for t in value if t < 0 or t > 999]
+        if bad:
+            raise ValueError(f"timesteps {bad} are outside the schedule's 0..999")
+        return sorted(set(value))
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one block is needed")
+        return value
+
+
+class HeadConfig(Section):
+    timesteps: list[int] | None = None
+    blocks: list[str] | None = None
+    width: int = Field(64, ge=4)
+    depth: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    loss: Literal["ce", "ce+dice"] = "ce+dice"
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = Field(2, ge=0)
+
+
+class EvaluateConfig(Section):
+    splits: list[str] | None = None
+    overlays: int = Field(4, ge=0)
+    min_object_area: int = Field(0, ge=0)
+
+
+class PipelineConfig(Section):
+    cache_dir: Path = Path("cache")
+    runs_dir: Path = Path("runs")
+    dataset: DatasetConfig = DatasetConfig()
+    tiling: TilingConfig = TilingConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    conditioning: ConditioningConfig = ConditioningConfig()
+    extract: ExtractConfig = ExtractConfig()
+    head: HeadConfig = HeadConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise PathsegError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value`, with the value read as YAML so lists and numbers keep their types."""
+    if "=" not in text:
+        raise PathsegError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        raise PathsegError(f"override {text!r}: value is not valid YAML ({error})") from None
+    return key.strip(), value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check its spelling against pipeline.yaml)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{source}: setting {where!r}: {message}{more}"
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read YAML (or the built-in defaults when no file), apply dotted overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise PathsegError(f"config file {path} does not exist; pass --config with a pipeline.yaml")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as error:
+            raise PathsegError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise PathsegError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    tree = copy.deepcopy(tree)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        config = PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        raise PathsegError(_describe(error, source)) from None
+    return config
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")

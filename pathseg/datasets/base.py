@@ -1,0 +1,102 @@
+"""What every dataset gives the pipeline: image records with lazy loaders, classes, and an identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pathseg.errors import PathsegError
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One annotated image. Pixels load on demand so a dataset of any size can be listed cheaply."""
+
+    id: str
+    split: str
+    height: int
+    width: int
+    load_rgb: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    load_labels: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    load_instances: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    group: str | None = None
+
+
+class SegmentationDataset(ABC):
+    name: str
+    class_names: list[str]
+    ignore_index: int | None = None
+    splits: tuple[str, ...]
+
+    @abstractmethod
+    def records(self) -> list[ImageRecord]:
+        """All images of the selected splits, in a stable order (the order tiles are stored in)."""
+
+    @abstractmethod
+    def identity(self) -> dict:
+        """What makes two copies of this data the same data: recorded in, and fingerprinting, the store."""
+
+    @property
+    def has_instances(self) -> bool:
+        return False
+
+    def select(self, records: list[ImageRecord], wanted: list[str] | None) -> list[ImageRecord]:
+        if wanted is None:
+            return records
+        unknown = sorted(set(wanted) - set(self.splits))
+        if unknown:
+            raise PathsegError(f"dataset {self.name!r} has no split(s) {unknown}; its splits are {list(self.splits)}")
+        return [record for record in records if record.split in wanted]
+
+
+def digest_files(paths: list[Path], root: Path) -> str:
+    """Names and sizes, not contents: cheap on a multi-GB dataset, and a swapped file still shows."""
+    listing = [(str(p.relative_to(root)), p.stat().st_size) for p in sorted(paths)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise PathsegError(f"{path}: cannot read this image ({error}); replace or remove the file") from None
+
+
+def read_label_map(path: Path) -> np.ndarray:
+    """A label map as integers: palette and grey images give their indices; an RGB map must be grey."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise PathsegError(f"{path}: cannot read this label map ({error}); replace or remove the file") from None
+    if array.ndim == 3:
+        channels = array[..., :3]
+        if not (
+            np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])
+        ):
+            raise PathsegError(f"{path}: label map is colour RGB; expected one label value per pixel")
+        array = channels[..., 0]
+    return array
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the header alone, without decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise PathsegError(f"{path}: cannot read this image ({error}); replace or remove the file") from None
+    return height, width

@@ -1,0 +1,438 @@
+"""The feature store: the only code that knows the on-disk layout shared by both stages.
+
+One Zarr v3 group per (dataset, backbone weights, conditioning, tiling, noise seed):
+
+    zarr.json                      attrs: schema, fingerprint, identity, config, versions, images table
+    tiles/image   (n,)  int32      image index of every tile
+    tiles/origin  (n,2) int32      top-left corner in padded image coordinates
+    tiles/labels  (n,T,T) uint8    per-tile label maps
+    images/{i}/rgb, labels, instances   whole images, for stitched evaluation and overlays
+    images/done   (n_images,) uint8     1 once an image's arrays are written
+    features/t{t:04d}/{block}  (n,C,h,w) float16, one tile per chunk, shards of S tiles, zstd
+    done/t{t:04d}/{block}      (n_shards,) uint8, 1 once that shard's features are written
+
+A flag is written only after the data it vouches for, so a killed run leaves at worst unflagged
+work, which the next run redoes. Blocks keep their native resolution: upsampling is the head's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from pathseg.errors import PathsegError
+
+SCHEMA_VERSION = 1
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("pathseg", "torch", "diffusers", "zarr", "numcodecs", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def feature_key(timestep: int, block: str) -> str:
+    return f"t{timestep:04d}/{block}"
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """A row of the image table: enough to stitch tiles back without opening the source image."""
+
+    id: str
+    split: str
+    height: int
+    width: int
+    pad_top: int
+    pad_left: int
+    rows: int
+    cols: int
+    first_tile: int
+
+    @property
+    def n_tiles(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    timestep: int
+    block: str
+    channels: int
+    height: int
+    width: int
+
+
+class FeatureStore:
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = Path(path)
+        self.group = group
+
+    # ---- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, mode: str = "r") -> FeatureStore:
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise PathsegError(f"no feature store at {path}; run `pathseg extract` first (or pass the right --store)")
+        group = zarr.open_group(str(path), mode=mode)
+        store = cls(path, group)
+        version = store.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PathsegError(
+                f"{path}: store schema {version} is not {SCHEMA_VERSION}; re-extract it with this pathseg version"
+            )
+        return store
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        fingerprint: str,
+        identity: dict,
+        config: dict,
+        class_names: list[str],
+        ignore_index: int | None,
+        tile_size: int,
+        images: list[ImageEntry],
+        origins: np.ndarray,
+        has_instances: bool,
+        compression_level: int = 3,
+        tiles_per_shard: int = 16,
+    ) -> FeatureStore:
+        """Lay out a new store; features are added later, array by array, as extraction asks for them."""
+        path = Path(path)
+        if path.exists():
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(str(path), mode="w")
+        n_tiles = int(sum(entry.n_tiles for entry in images))
+        image_index = np.concatenate([np.full(e.n_tiles, i, dtype=np.int32) for i, e in enumerate(images)])
+        compressor = ZstdCodec(level=compression_level)
+        group.create_array("tiles/image", data=image_index, chunks=(max(n_tiles, 1),), compressors=compressor)
+        group.create_array(
+            "tiles/origin", data=origins.astype(np.int32), chunks=(max(n_tiles, 1), 2), compressors=compressor
+        )
+        group.create_array(
+            "tiles/labels",
+            shape=(n_tiles, tile_size, tile_size),
+            dtype="uint8",
+            chunks=(1, tile_size, tile_size),
+            compressors=compressor,
+            fill_value=0,
+        )
+        group.create_array("images/done", shape=(len(images),), dtype="uint8", chunks=(1,), fill_value=0)
+        group.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "fingerprint": fingerprint,
+                "identity": identity,
+                "config": config,
+                "versions": software_versions(),
+                "class_names": class_names,
+                "ignore_index": ignore_index,
+                "tile_size": tile_size,
+                "has_instances": has_instances,
+                "compression_level": compression_level,
+                "tiles_per_shard": max(1, min(tiles_per_shard, n_tiles)),
+                "images": [entry.__dict__ for entry in images],
+                "features": {},
+            }
+        )
+        return cls(path, group)
+
+    # ---- metadata ------------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def ignore_index(self) -> int | None:
+        return self.attrs["ignore_index"]
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.attrs["tile_size"])
+
+    @property
+    def has_instances(self) -> bool:
+        return bool(self.attrs["has_instances"])
+
+    @property
+    def images(self) -> list[ImageEntry]:
+        return [ImageEntry(**row) for row in self.attrs["images"]]
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.group["tiles/image"].shape[0])
+
+    def tile_images(self) -> np.ndarray:
+        return np.asarray(self.group["tiles/image"][:])
+
+    def tile_origins(self) -> np.ndarray:
+        return np.asarray(self.group["tiles/origin"][:])
+
+    def tiles_of_splits(self, splits: list[str]) -> np.ndarray:
+        """Indices of all tiles whose image is in one of `splits`, in storage order."""
+        wanted = [i for i, entry in enumerate(self.images) if entry.split in splits]
+        return np.flatnonzero(np.isin(self.tile_images(), wanted))
+
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(entry.split for entry in self.images))
+
+    # ---- images and labels ---------------------------------------------------------------------
+
+    def image_done(self) -> np.ndarray:
+        return np.asarray(self.group["images/done"][:]).astype(bool)
+
+    def write_image(
+        self, index: int, rgb: np.ndarray, labels: np.ndarray, instances: np.ndarray | None, tile_labels: np.ndarray
+    ) -> None:
+        """An image's pixels, label maps and per-tile labels, then its done flag, in that order."""
+        entry = self.images[index]
+        if rgb.shape[:2] != (entry.height, entry.width) or labels.shape != (entry.height, entry.width):
+            raise PathsegError(
+                f"image {entry.id!r}: pixels {rgb.shape[:2]} or labels {labels.shape} differ from the recorded size "
+                f"{(entry.height, entry.width)}"
+            )
+        compressor = ZstdCodec(level=int(self.attrs["compression_level"]))
+        chunk = (min(entry.height, 1024), min(entry.width, 1024))
+        base = f"images/{index}"
+        self.group.create_array(f"{base}/rgb", data=rgb, chunks=(*chunk, 3), compressors=compressor, overwrite=True)
+        self.group.create_array(
+            f"{base}/labels", data=labels.astype(np.uint8), chunks=chunk, compressors=compressor, overwrite=True
+        )
+        if instances is not None:
+            self.group.create_array(
+                f"{base}/instances",
+                data=instances.astype(np.int32),
+                chunks=chunk,
+                compressors=compressor,
+                overwrite=True,
+            )
+        start = entry.first_tile
+        self.group["tiles/labels"][start : start + entry.n_tiles] = tile_labels
+        self.group["images/done"][index] = 1
+
+    def image_rgb(self, index: int) -> np.ndarray:
+        return np.asarray(self.group[f"images/{index}/rgb"][:])
+
+    def image_labels(self, index: int) -> np.ndarray:
+        return np.asarray(self.group[f"images/{index}/labels"][:])
+
+    def image_instances(self, index: int) -> np.ndarray | None:
+        key = f"images/{index}/instances"
+        return np.asarray(self.group[key][:]) if key in self.group else None
+
+    def tile_labels(self, tiles: np.ndarray | slice) -> np.ndarray:
+        return np.asarray(self.group["tiles/labels"].get_orthogonal_selection((tiles,)))
+
+    # ---- features ------------------------------------------------------------------------------
+
+    @property
+    def tiles_per_shard(self) -> int:
+        """Fixed for the store's life, so one shard index means the same tiles in every array."""
+        return int(self.attrs["tiles_per_shard"])
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_tiles / self.tiles_per_shard)
+
+    def feature_infos(self) -> list[FeatureInfo]:
+        return [FeatureInfo(**row) for row in self.attrs["features"].values()]
+
+    def has_feature(self, timestep: int, block: str) -> bool:
+        return feature_key(timestep, block) in self.attrs["features"]
+
+    def ensure_feature(self, timestep: int, block: str, channels: int, height: int, width: int) -> None:
+        """Create the (timestep, block) array and its shard flags unless they exist with this shape."""
+        key = feature_key(timestep, block)
+        registry = dict(self.attrs["features"])
+        info = FeatureInfo(timestep, block, channels, height, width)
+        if key in registry:
+            if FeatureInfo(**registry[key]) != info:
+                raise PathsegError(
+                    f"{self.path}: cached {key} has shape {registry[key]}, but the backbone now gives {info.__dict__}; "
+                    "re-extract with --overwrite"
+                )
+            return
+        n = self.n_tiles
+        per_shard = self.tiles_per_shard
+        self.group.create_array(
+            f"features/{key}",
+            shape=(n, channels, height, width),
+            dtype="float16",
+            chunks=(1, channels, height, width),
+            shards=(per_shard, channels, height, width),
+            compressors=ZstdCodec(level=int(self.attrs["compression_level"])),
+            fill_value=0,
+            overwrite=True,
+        )
+        self.group.create_array(
+            f"done/{key}", shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True
+        )
+        registry[key] = info.__dict__
+        self.group.attrs["features"] = registry
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.tiles_per_shard, min((shard + 1) * self.tiles_per_shard, self.n_tiles)
+
+    def missing_shards(self, timestep: int, block: str) -> list[int]:
+        if not self.has_feature(timestep, block):
+            raise KeyError(feature_key(timestep, block))
+        flags = np.asarray(self.group[f"done/{feature_key(timestep, block)}"][:])
+        return np.flatnonzero(flags == 0).tolist()
+
+    def write_shard(self, timestep: int, block: str, shard: int, data: np.ndarray) -> None:
+        """A whole shard at once (so no two writers ever share a shard file), then its done flag."""
+        key = feature_key(timestep, block)
+        start, stop = self.shard_range(shard)
+        if data.shape[0] != stop - start:
+            raise ValueError(f"shard {shard} of {key} holds {stop - start} tiles, got {data.shape[0]}")
+        self.group[f"features/{key}"][start:stop] = data.astype(np.float16, copy=False)
+        self.group[f"done/{key}"][shard] = 1
+
+    def feature_array(self, timestep: int, block: str) -> zarr.Array:
+        key = feature_key(timestep, block)
+        if not self.has_feature(timestep, block):
+            cached = ", ".join(sorted(self.attrs["features"])) or "none"
+            raise PathsegError(
+                f"{self.path} has no features for timestep {timestep}, block {block!r} (cached: {cached}); "
+                f"run `pathseg extract` with them first"
+            )
+        return self.group[f"features/{key}"]
+
+    def read_features(self, timestep: int, block: str, tiles: np.ndarray | slice) -> np.ndarray:
+        return np.asarray(self.feature_array(timestep, block).get_orthogonal_selection((tiles,)))
+
+    def is_complete(self, timestep: int, block: str) -> bool:
+        return self.has_feature(timestep, block) and not self.missing_shards(timestep, block)
+
+    def require(self, pairs: list[tuple[int, str]]) -> None:
+        """Stage 2's gate: every requested array present and complete, and every image written."""
+        if not self.image_done().all():
+            raise PathsegError(
+                f"{self.path}: images are not all written (an extraction stopped); rerun `pathseg extract`"
+            )
+        for timestep, block in pairs:
+            self.feature_array(timestep, block)
+            missing = self.missing_shards(timestep, block)
+            if missing:
+                raise PathsegError(
+                    f"{self.path}: features t={timestep} {block} are incomplete ({len(missing)} shards missing); "
+                    "rerun `pathseg extract` to finish them"
+                )
+
+    # ---- reporting -----------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """What is cached, its size on disk, compression ratio and completeness."""
+        rows = []
+        for info in self.feature_infos():
+            key = feature_key(info.timestep, info.block)
+            array = self.group[f"features/{key}"]
+            stored = _bytes_under(self.path / "features" / key)
+            raw = int(np.prod(array.shape)) * 2
+            missing = len(self.missing_shards(info.timestep, info.block))
+            rows.append(
+                {
+                    "timestep": info.timestep,
+                    "block": info.block,
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                    "bytes_on_disk": stored,
+                    "compression_ratio": round(raw / stored, 2) if stored else None,
+                    "complete": missing == 0,
+                    "missing_shards": missing,
+                }
+            )
+        entries = self.images
+        splits: dict[str, int] = {}
+        for entry in entries:
+            splits[entry.split] = splits.get(entry.split, 0) + 1
+        images_done = self.image_done()
+        return {
+            "path": str(self.path),
+            "fingerprint": self.fingerprint,
+            "dataset": self.attrs["identity"].get("dataset", {}).get("name"),
+            "backbone": self.attrs["identity"].get("backbone"),
+            "images": len(entries),
+            "images_written": int(images_done.sum()),
+            "splits": splits,
+            "tiles": self.n_tiles,
+            "tile_size": self.tile_size,
+            "bytes_on_disk": _bytes_under(self.path),
+            "features": rows,
+            "complete": bool(images_done.all()) and all(row["complete"] for row in rows),
+        }
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def list_stores(cache_dir: Path) -> list[Path]:
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    return sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "zarr.json").exists())
+
+
+def store_key(config: Any) -> str:
+    """A hash of the settings that decide a store's content, readable by stage 2 without data or weights.
+
+    Timesteps and blocks are not in it: they are arrays inside one store, so adding one extends the
+    store instead of starting another.
+    """
+    dataset = config.dataset.model_dump(mode="json")
+    options = dataset.get(dataset["name"]) if isinstance(dataset.get(dataset["name"]), dict) else None
+    root = str(Path(dataset["root"]).resolve()) if dataset["root"] else None
+    return digest(
+        {
+            "schema": SCHEMA_VERSION,
+            "dataset": {"name": dataset["name"], "root": root, "splits": dataset["splits"], "options": options},
+            "backbone": config.backbone.model_dump(mode="json"),
+            "conditioning": config.conditioning.model_dump(mode="json"),
+            "tiling": config.tiling.model_dump(mode="json"),
+            "noise_seed": config.extract.noise_seed,
+        }
+    )
+
+
+def store_path_for(config: Any) -> Path:
+    """`cache/<dataset>-<backbone>-<key>.zarr`: the name says what it holds, the key what exactly."""
+    backbone = Path(config.backbone.name).name.removesuffix(".ckpt") or "backbone"
+    return Path(config.cache_dir) / f"{config.dataset.name}-{backbone}-{store_key(config)[:12]}.zarr"

@@ -86,6 +86,12 @@ def store_identity(config: PipelineConfig, dataset_identity: dict) -> dict:
     }
 
 
+def block_aliases(layout: UNetLayout) -> dict[str, str]:
+    names = list(block_table(layout)) + ["middle_block"]
+    names += [f"output_blocks.{k}" for k in range(len(layout.block_out_channels) * layout.layers)]
+    return {name: canonical_block(name, layout) for name in names}
+
+
 def requested_arrays(config: PipelineConfig, layout: UNetLayout) -> list[tuple[int, str]]:
     blocks = list(dict.fromkeys(canonical_block(name, layout) for name in config.extract.blocks))
     return [(t, b) for t in config.extract.timesteps for b in blocks]
@@ -113,6 +119,7 @@ def _open_store(
         class_names=list(dataset.class_names),
         ignore_index=dataset.ignore_index,
         tile_size=t.tile_size,
+        stride=t.stride,
         images=entries,
         origins=origins,
         has_instances=dataset.has_instances,
@@ -191,6 +198,7 @@ def run_extraction(
     summary.prepared_images = _prepare_images(store, records, config, show_progress)
 
     table = block_table(layout)
+    store.record_block_aliases(block_aliases(layout))
     latent = config.tiling.tile_size // 4
     for timestep, block in pairs:
         info = table[block]

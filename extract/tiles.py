@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ import torch
 from pathseg.datasets.base import ImageRecord
 from pathseg.errors import PathsegError
 from pathseg.store import ImageEntry
-from pathseg.tiling import TileGrid, cut_tile, pad_to_grid, tile_grid
+from pathseg.tiling import TileGrid, tile_grid
 
 
 def plan_tiles(records: list[ImageRecord], tile_size: int, stride: int) -> tuple[list[ImageEntry], np.ndarray]:
@@ -41,8 +42,71 @@ def grid_of(entry: ImageEntry, tile_size: int, stride: int) -> TileGrid:
     return TileGrid(entry.height, entry.width, tile_size, stride, entry.pad_top, entry.pad_left, entry.rows, entry.cols)
 
 
+def source_indices(padded_length: int, before: int, length: int, mode: str) -> np.ndarray:
+    """Where each padded coordinate reads from in the unpadded axis (-1: constant fill), as np.pad would.
+
+    numpy repeats reflections for pads longer than the axis; those are periodic, so a modulo gives the same.
+    """
+    position = np.arange(padded_length, dtype=np.int64) - before
+    if mode == "reflect":
+        period = 2 * (length - 1)
+        folded = np.mod(position, period)
+        return np.where(folded < length, folded, period - folded)
+    if mode == "symmetric":
+        period = 2 * length
+        folded = np.mod(position, period)
+        return np.where(folded < length, folded, period - 1 - folded)
+    if mode == "edge":
+        return np.clip(position, 0, length - 1)
+    if mode == "constant":
+        return np.where((position >= 0) & (position < length), position, -1)
+    raise PathsegError(f"tiling.pad_mode {mode!r} is not one of reflect, symmetric, edge, constant")
+
+
+class PaddedView:
+    """An (H, W, ...) array seen through its tile grid's padding, cut tile by tile.
+
+    Equal to `cut_tile(pad_to_grid(array, grid, mode), origin, size)`, without ever building the padded
+    copy: a large ROI then costs its decoded pixels once, not twice.
+    """
+
+    def __init__(self, array: np.ndarray, grid: TileGrid, mode: str) -> None:
+        if array.shape[:2] != (grid.height, grid.width):
+            raise ValueError(f"array {array.shape[:2]} does not match its grid {(grid.height, grid.width)}")
+        if mode == "reflect" and min(array.shape[:2]) < 2:
+            mode = "edge"  # as pad_to_grid: nothing to reflect on a one-pixel axis
+        self.array = array
+        self.grid = grid
+        self.mode = mode
+        self._rows = source_indices(grid.padded_height, grid.pad_top, grid.height, mode)
+        self._cols = source_indices(grid.padded_width, grid.pad_left, grid.width, mode)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def tile(self, origin: tuple[int, int], size: int) -> np.ndarray:
+        y, x = int(origin[0]), int(origin[1])
+        rows, cols = self._rows[y : y + size], self._cols[x : x + size]
+        g = self.grid
+        if g.pad_top <= y and y + size <= g.pad_top + g.height and g.pad_left <= x and x + size <= g.pad_left + g.width:
+            top, left = y - g.pad_top, x - g.pad_left
+            return self.array[top : top + size, left : left + size]
+        out = self.array[np.ix_(np.maximum(rows, 0), np.maximum(cols, 0))]
+        if self.mode == "constant":
+            out[rows < 0] = 0
+            out[:, cols < 0] = 0
+        return out
+
+
 class TileSource:
-    """Tiles by global index; keeps a few padded images decoded, since consecutive tiles share an image."""
+    """Tiles by global index; keeps a few decoded images, since consecutive tiles share an image.
+
+    Memory: at most `cached_images` decoded (unpadded) images, and no more than `max_cached_bytes` of them
+    except the one being cut (a record decodes whole: ImageRecord has no region loader, and PNG, the
+    format of the large BCSS ROIs, cannot be decoded by region anyway). A BCSS ROI at 0.5 mpp is at most
+    some 5000 px a side, about 75 MB of RGB.
+    """
 
     def __init__(
         self,
@@ -52,37 +116,40 @@ class TileSource:
         stride: int,
         pad_mode: str,
         cached_images: int = 2,
+        max_cached_bytes: int = 512 * 2**20,
     ) -> None:
         self.records = records
         self.entries = entries
         self.tile_size = tile_size
         self.stride = stride
         self.pad_mode = pad_mode
-        self.cached_images = cached_images
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.cached_images = max(1, cached_images)
+        self.max_cached_bytes = max_cached_bytes
+        self._cache: OrderedDict[int, PaddedView] = OrderedDict()
         self.tile_image = np.concatenate([np.full(e.n_tiles, i) for i, e in enumerate(entries)]).astype(np.int64)
         self.origins = np.concatenate(
             [np.asarray(grid_of(e, tile_size, stride).origins()).reshape(-1, 2) for e in entries]
         ).astype(np.int64)
 
-    def _padded(self, index: int) -> np.ndarray:
+    def _view(self, index: int) -> PaddedView:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
         record = self.records[index]
-        rgb = record.load_rgb()
-        padded = pad_to_grid(rgb, grid_of(self.entries[index], self.tile_size, self.stride), self.pad_mode)
-        self._cache[index] = padded
-        while len(self._cache) > self.cached_images:
+        view = PaddedView(record.load_rgb(), grid_of(self.entries[index], self.tile_size, self.stride), self.pad_mode)
+        self._cache[index] = view
+        while len(self._cache) > 1 and (
+            len(self._cache) > self.cached_images
+            or sum(cached.nbytes for cached in self._cache.values()) > self.max_cached_bytes
+        ):
             self._cache.popitem(last=False)
-        return padded
+        return view
 
     def tiles(self, start: int, stop: int) -> np.ndarray:
         """(k, T, T, 3) uint8 tiles start..stop-1."""
         out = np.empty((stop - start, self.tile_size, self.tile_size, 3), dtype=np.uint8)
         for k, tile in enumerate(range(start, stop)):
-            padded = self._padded(int(self.tile_image[tile]))
-            out[k] = cut_tile(padded, tuple(self.origins[tile]), self.tile_size)
+            out[k] = self._view(int(self.tile_image[tile])).tile(tuple(self.origins[tile]), self.tile_size)
         return out
 
     def noise_keys(self, start: int, stop: int) -> list[str]:
@@ -90,6 +157,67 @@ class TileSource:
             f"{self.records[int(self.tile_image[t])].id}:{self.origins[t][0]}:{self.origins[t][1]}"
             for t in range(start, stop)
         ]
+
+
+class TileLabels:
+    """One image's per-tile label maps, shaped (n, T, T) like their stack but cut only when indexed.
+
+    Stacking every tile of a large ROI would hold its labels again, times the overlap of the grid
+    ((T/stride)^2, 1.8x at 256/192). This stands in for that array: indexing, `len`, `shape`, `dtype`,
+    `astype` and `np.asarray` work as on the stack, and `batches` yields it a bounded slab at a time.
+    A zarr slice assignment (`array[a:b] = tile_labels`) pulls one chunk's tiles at a time.
+    """
+
+    def __init__(self, view: PaddedView, origins: list[tuple[int, int]], tile_size: int, dtype=None) -> None:
+        self.view = view
+        self.origins = origins
+        self.tile_size = tile_size
+        self.dtype = np.dtype(dtype if dtype is not None else view.array.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.origins), self.tile_size, self.tile_size)
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def _tile(self, index: int) -> np.ndarray:
+        return self.view.tile(self.origins[index], self.tile_size).astype(self.dtype)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            out = self[key[0]] if key else self[:]
+            return out[(slice(None), *key[1:])] if out.ndim == 3 else out[key[1:]]
+        if isinstance(key, int | np.integer):
+            index = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= index < len(self):
+                raise IndexError(f"tile {key} of {len(self)}")
+            return self._tile(index)
+        picked = range(*key.indices(len(self))) if isinstance(key, slice) else np.arange(len(self))[key].tolist()
+        out = np.empty((len(picked), self.tile_size, self.tile_size), dtype=self.dtype)
+        for k, index in enumerate(picked):
+            out[k] = self._tile(int(index))
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        full = self[:]
+        return full if dtype is None else full.astype(dtype, copy=False)
+
+    def astype(self, dtype, order: str = "K", copy: bool = True) -> TileLabels:
+        return TileLabels(self.view, self.origins, self.tile_size, dtype)
+
+    def batches(self, max_tiles: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+        """(first tile, (k, T, T) array) slabs of at most `max_tiles` tiles, in order."""
+        for start in range(0, len(self), max_tiles):
+            yield start, self[start : start + max_tiles]
 
 
 def tile_noise(seed: int, keys: list[str], shape: tuple[int, ...]) -> torch.Tensor:
@@ -105,8 +233,11 @@ def tile_noise(seed: int, keys: list[str], shape: tuple[int, ...]) -> torch.Tens
 
 def labels_for_tiles(
     record: ImageRecord, entry: ImageEntry, tile_size: int, stride: int, pad_mode: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    """(rgb, labels, instances, per-tile labels) of one image; labels are padded like the pixels they label."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, TileLabels]:
+    """(rgb, labels, instances, per-tile labels) of one image; labels are padded like the pixels they label.
+
+    The per-tile labels come lazily (`TileLabels`), so an image costs its decoded arrays, whatever its size.
+    """
     rgb = record.load_rgb()
     labels = record.load_labels()
     instances = record.load_instances() if record.load_instances is not None else None
@@ -115,7 +246,10 @@ def labels_for_tiles(
             f"image {record.id!r}: its mask is {labels.shape[1]}x{labels.shape[0]} but the image is "
             f"{rgb.shape[1]}x{rgb.shape[0]}; fix or remove the pair"
         )
+    if labels.shape != (entry.height, entry.width):
+        raise PathsegError(
+            f"image {record.id!r}: it loads as {labels.shape[1]}x{labels.shape[0]} but was listed as "
+            f"{entry.width}x{entry.height}; its dataset's listing and loaders disagree"
+        )
     grid = grid_of(entry, tile_size, stride)
-    padded = pad_to_grid(labels, grid, pad_mode)
-    tiles = np.stack([cut_tile(padded, origin, tile_size) for origin in grid.origins()])
-    return rgb, labels, instances, tiles
+    return rgb, labels, instances, TileLabels(PaddedView(labels, grid, pad_mode), grid.origins(), tile_size)

@@ -32,6 +32,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pathseg.errors import PathsegError
+from pathseg.tiling import TileGrid
 
 SCHEMA_VERSION = 1
 
@@ -76,6 +77,9 @@ class ImageEntry:
     def n_tiles(self) -> int:
         return self.rows * self.cols
 
+    def grid(self, tile_size: int, stride: int) -> TileGrid:
+        return TileGrid(self.height, self.width, tile_size, stride, self.pad_top, self.pad_left, self.rows, self.cols)
+
 
 @dataclass(frozen=True)
 class FeatureInfo:
@@ -90,6 +94,7 @@ class FeatureStore:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
+        self._fixed: dict[str, Any] = {}  # parts that never change after creation, read once
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -118,6 +123,7 @@ class FeatureStore:
         class_names: list[str],
         ignore_index: int | None,
         tile_size: int,
+        stride: int,
         images: list[ImageEntry],
         origins: np.ndarray,
         has_instances: bool,
@@ -156,6 +162,7 @@ class FeatureStore:
                 "class_names": class_names,
                 "ignore_index": ignore_index,
                 "tile_size": tile_size,
+                "stride": stride,
                 "has_instances": has_instances,
                 "compression_level": compression_level,
                 "tiles_per_shard": max(1, min(tiles_per_shard, n_tiles)),
@@ -188,22 +195,35 @@ class FeatureStore:
         return int(self.attrs["tile_size"])
 
     @property
+    def stride(self) -> int:
+        return int(self.attrs["stride"])
+
+    @property
     def has_instances(self) -> bool:
         return bool(self.attrs["has_instances"])
 
+    def image_grid(self, index: int) -> TileGrid:
+        return self.images[index].grid(self.tile_size, self.stride)
+
     @property
     def images(self) -> list[ImageEntry]:
-        return [ImageEntry(**row) for row in self.attrs["images"]]
+        if "images" not in self._fixed:
+            self._fixed["images"] = [ImageEntry(**row) for row in self.attrs["images"]]
+        return self._fixed["images"]
 
     @property
     def n_tiles(self) -> int:
         return int(self.group["tiles/image"].shape[0])
 
     def tile_images(self) -> np.ndarray:
-        return np.asarray(self.group["tiles/image"][:])
+        if "tile_images" not in self._fixed:
+            self._fixed["tile_images"] = np.asarray(self.group["tiles/image"][:])
+        return self._fixed["tile_images"]
 
     def tile_origins(self) -> np.ndarray:
-        return np.asarray(self.group["tiles/origin"][:])
+        if "tile_origins" not in self._fixed:
+            self._fixed["tile_origins"] = np.asarray(self.group["tiles/origin"][:])
+        return self._fixed["tile_origins"]
 
     def tiles_of_splits(self, splits: list[str]) -> np.ndarray:
         """Indices of all tiles whose image is in one of `splits`, in storage order."""
@@ -355,6 +375,11 @@ class FeatureStore:
                     f"{self.path}: features t={timestep} {block} are incomplete ({len(missing)} shards missing); "
                     "rerun `pathseg extract` to finish them"
                 )
+
+    def record_block_aliases(self, aliases: dict[str, str]) -> None:
+        """Name -> canonical block, so stage 2 resolves `output_blocks.K` without the backbone."""
+        if self.attrs.get("block_aliases") != aliases:
+            self.group.attrs["block_aliases"] = aliases
 
     # ---- reporting -----------------------------------------------------------------------------
 

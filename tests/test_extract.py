@@ -1,0 +1,161 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from pathseg.extract import runner
+from pathseg.extract.backbone import load_backbone
+from pathseg.extract.tiles import tile_noise
+
+from pathseg.errors import PathsegError
+from pathseg.store import FeatureStore, store_path_for
+from tests.conftest import REAL_GLAS, small_config, write_glas_fixture
+
+
+def test_store_holds_every_array_at_native_resolution(extracted_small):
+    config, path = extracted_small
+    store = FeatureStore.open(path)
+    info = store.info()
+    assert info["complete"]
+    shapes = {(f["timestep"], f["block"]): tuple(f["shape"]) for f in info["features"]}
+    n = store.n_tiles
+    # 128 px tiles -> 32 px latent; up1 = 96 ch after upsampling to 16 px, up3.2 = 32 ch at 32 px
+    assert shapes == {(50, "up1"): (n, 96, 16, 16), (50, "up3.2"): (n, 32, 32, 32),
+                      (150, "up1"): (n, 96, 16, 16), (150, "up3.2"): (n, 32, 32, 32)}
+    array = store.feature_array(50, "up3.2")
+    assert array.dtype == np.float16 and array.chunks == (1, 32, 32, 32) and array.shards[0] == 4
+    assert "zstd" in str(array.compressors).lower()
+    attrs = store.attrs
+    assert attrs["config"]["extract"]["noise_seed"] == 0
+    assert attrs["versions"]["torch"] and attrs["fingerprint"] == store.fingerprint
+    assert attrs["block_aliases"]["output_blocks.5"] == "up1"
+
+
+def test_image_and_tile_tables_allow_stitching(extracted_small):
+    _, path = extracted_small
+    store = FeatureStore.open(path)
+    images = store.images
+    assert [e.split for e in images].count("train") == 4
+    assert sum(e.n_tiles for e in images) == store.n_tiles
+    first = images[0]
+    assert (first.height, first.width) == (150, 170)
+    assert store.image_rgb(0).shape == (150, 170, 3)
+    labels = store.image_labels(0)
+    grid = store.image_grid(0)
+    padded = np.pad(labels, [(grid.pad_top, grid.pad_bottom), (grid.pad_left, grid.pad_right)], mode="reflect")
+    origin = store.tile_origins()[1]
+    np.testing.assert_array_equal(store.tile_labels(np.array([1]))[0], padded[origin[0]:origin[0] + 128,
+                                                                                origin[1]:origin[1] + 128])
+
+
+def test_features_match_a_direct_forward_pass(extracted_small):
+    """The stored map equals the UNet run by hand on z_t = sqrt(abar) z0 + sqrt(1 - abar) eps."""
+    config, path = extracted_small
+    store = FeatureStore.open(path)
+    backbone = load_backbone("tiny")
+    padded = np.pad(store.image_rgb(0), [(16, 16), (16, 16), (0, 0)], mode="reflect")
+    tile = torch.from_numpy(padded[:128, :128].copy()).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        z0 = backbone.first_stage.quant_conv(backbone.first_stage.encoder(tile * 2 - 1))
+        noise = tile_noise(0, [f"{store.images[0].id}:0:0"], (3, 32, 32))
+        zt = backbone.scheduler.add_noise(z0, noise, torch.tensor([150]))
+        captured = {}
+        handle = backbone.unet.up_blocks[1].register_forward_hook(lambda m, i, o: captured.setdefault("up1", o))
+        backbone.unet(zt, torch.tensor([150]), encoder_hidden_states=backbone.projector.null_context(1))
+        handle.remove()
+    stored = store.read_features(150, "up1", np.array([0]))[0]
+    np.testing.assert_allclose(stored, captured["up1"][0].numpy().astype(np.float16), rtol=2e-2, atol=2e-2)
+
+
+def test_noise_depends_on_tile_not_on_batch():
+    both = tile_noise(7, ["a:0:0", "b:0:96"], (3, 8, 8))
+    alone = tile_noise(7, ["b:0:96"], (3, 8, 8))
+    torch.testing.assert_close(both[1], alone[0])
+    assert not torch.equal(both[0], both[1])
+
+
+def test_two_extractions_of_one_config_are_identical(tmp_path, extracted_small):
+    config, path = extracted_small
+    again = small_config(tmp_path)
+    summary = runner.run_extraction(again, show_progress=False)
+    first, second = FeatureStore.open(path), FeatureStore.open(summary.store)
+    assert first.fingerprint == second.fingerprint
+    for info in first.feature_infos():
+        np.testing.assert_array_equal(first.read_features(info.timestep, info.block, slice(None)),
+                                      second.read_features(info.timestep, info.block, slice(None)))
+
+
+def test_rerun_computes_nothing_and_never_builds_the_backbone(tmp_path, monkeypatch):
+    config = small_config(tmp_path, **{"extract.timesteps": [50], "extract.blocks": ["up1"]})
+    runner.run_extraction(config, show_progress=False)
+    monkeypatch.setattr(runner, "load_backbone", lambda *a, **k: pytest.fail("backbone built for a cached store"))
+    summary = runner.run_extraction(config, show_progress=False)
+    assert summary.nothing_to_do and summary.computed_arrays == []
+
+
+def test_new_timestep_or_block_computes_only_what_is_missing(tmp_path):
+    config = small_config(tmp_path, **{"extract.timesteps": [50], "extract.blocks": ["up1"]})
+    first = runner.run_extraction(config, show_progress=False)
+    old = first.store / "features" / "t0050" / "up1"
+    stamps = {p: p.stat().st_mtime_ns for p in old.rglob("*") if p.is_file()}
+    bigger = small_config(tmp_path, **{"extract.timesteps": [50, 250], "extract.blocks": ["up1", "output_blocks.11"]})
+    second = runner.run_extraction(bigger, show_progress=False)
+    assert second.store == first.store
+    assert second.computed_arrays == ["t0050/up3.2", "t0250/up1", "t0250/up3.2"]
+    assert {p: p.stat().st_mtime_ns for p in old.rglob("*") if p.is_file()} == stamps
+
+
+def test_different_tiling_dataset_or_backbone_gets_another_store(tmp_path):
+    base = small_config(tmp_path)
+    others = [
+        small_config(tmp_path, **{"tiling.stride": 128}),
+        small_config(tmp_path, **{"dataset.synthetic.seed": 1}),
+        small_config(tmp_path, **{"backbone.seed": 1}),
+        small_config(tmp_path, **{"extract.noise_seed": 1}),
+    ]
+    paths = {store_path_for(c) for c in [base, *others]}
+    assert len(paths) == 5
+    same = small_config(tmp_path, **{"extract.timesteps": [999], "train.epochs": 9})
+    assert store_path_for(same) == store_path_for(base)
+
+
+def test_store_of_other_data_needs_overwrite(tmp_path):
+    root = write_glas_fixture(tmp_path / "glas", per_split={"train": 2, "testA": 1})
+    config = small_config(tmp_path, **{"dataset.name": "glas", "dataset.root": str(root),
+                                       "dataset.glas.val_fraction": 0.0, "extract.timesteps": [50],
+                                       "extract.blocks": ["up1"]})
+    runner.run_extraction(config, show_progress=False)
+    (root / "testA_1.bmp").write_bytes((root / "testA_1.bmp").read_bytes() + b"\0" * 16)  # the data changed
+    with pytest.raises(PathsegError, match="--overwrite"):
+        runner.run_extraction(config, show_progress=False)
+    summary = runner.run_extraction(config, show_progress=False, overwrite=True)
+    assert FeatureStore.open(summary.store).info()["complete"]
+
+
+def test_glas_fixture_extracts_with_instances(tmp_path):
+    root = write_glas_fixture(tmp_path / "glas", ext="png", per_split={"train": 2, "testA": 1})
+    config = small_config(tmp_path, **{"dataset.name": "glas", "dataset.root": str(root),
+                                       "dataset.glas.val_fraction": 0.0, "extract.timesteps": [50],
+                                       "extract.blocks": ["up1"]})
+    store = FeatureStore.open(runner.run_extraction(config, show_progress=False).store)
+    assert store.class_names == ["background", "gland"] and store.has_instances
+    assert set(np.unique(store.image_instances(0))) == {0, 1, 2}
+
+
+@pytest.mark.skipif(not REAL_GLAS.is_dir(), reason="real GlaS copy not present")
+def test_real_glas_images_extract_with_tiny(tmp_path):
+    subset = tmp_path / "glas"
+    subset.mkdir()
+    for name in ["train_1", "train_2", "testA_1"]:
+        for suffix in ("", "_anno"):
+            os.symlink(REAL_GLAS / f"{name}{suffix}.png", subset / f"{name}{suffix}.png")
+    shutil.copy(REAL_GLAS / "Grade.csv", subset / "Grade.csv")
+    config = small_config(tmp_path, **{"dataset.name": "glas", "dataset.root": str(subset),
+                                       "dataset.glas.val_fraction": 0.0, "tiling.tile_size": 256,
+                                       "tiling.stride": 256, "extract.timesteps": [50], "extract.blocks": ["up1"]})
+    store = FeatureStore.open(runner.run_extraction(config, show_progress=False).store)
+    info = store.info()
+    assert info["complete"] and info["images"] == 3
+    assert (store.images[0].height, store.images[0].width) == (522, 775)
+    assert store.n_tiles == 3 * 3 * 4  # 522 -> 3 rows, 775 -> 4 cols of 256 px

@@ -1,0 +1,152 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pathseg.extract import runner
+from pathseg.train_head.evaluate import evaluate_run
+from pathseg.train_head.fit import dice_loss, fit_head
+from pathseg.train_head.head import SegmentationHead
+from pathseg.train_head.loader import StoreLoader, dihedral
+from pathseg.train_head.runs import load_run
+
+from pathseg.errors import PathsegError
+from pathseg.store import FeatureStore
+
+
+def test_loader_holds_a_bounded_number_of_tiles(extracted_small):
+    _, path = extracted_small
+    store = FeatureStore.open(path)
+    tiles = np.arange(store.n_tiles)
+    loader = StoreLoader(store, [(50, "up1"), (150, "up3.2")], tiles, batch_size=3, shuffle=True, prefetch=2)
+    seen = []
+    for batch in loader:
+        assert batch.features[0].shape[1:] == (96, 16, 16) and batch.features[1].shape[1:] == (32, 32, 32)
+        assert batch.labels.shape[1:] == (128, 128)
+        seen.extend(batch.tiles.tolist())
+    assert sorted(seen) == tiles.tolist()
+    assert loader.max_tiles_in_memory <= (2 + 1) * 3
+
+
+def test_loader_shuffle_is_seeded_per_epoch(extracted_small):
+    _, path = extracted_small
+    store = FeatureStore.open(path)
+    tiles = np.arange(store.n_tiles)
+
+    def order(seed, epoch):
+        loader = StoreLoader(store, [(50, "up1")], tiles, batch_size=4, shuffle=True, seed=seed, prefetch=0)
+        loader.set_epoch(epoch)
+        return [t for batch in loader for t in batch.tiles.tolist()]
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+
+
+def test_augmentation_moves_features_and_labels_together(extracted_small):
+    """A tile whose label is read back from its own rotated feature grid stays consistent."""
+    _, path = extracted_small
+    store = FeatureStore.open(path)
+    plain = next(iter(StoreLoader(store, [(150, "up3.2")], np.arange(4), 4, prefetch=0)))
+    augmented = next(iter(StoreLoader(store, [(150, "up3.2")], np.arange(4), 4, augment=True, seed=5, prefetch=0)))
+    for i in range(4):
+        matched = False
+        for k in range(4):
+            for flip in (False, True):
+                f_ok = np.array_equal(dihedral(plain.features[0][i].numpy(), k, flip), augmented.features[0][i].numpy())
+                l_ok = np.array_equal(dihedral(plain.labels[i].numpy(), k, flip), augmented.labels[i].numpy())
+                matched |= f_ok and l_ok
+        assert matched
+
+
+def test_head_maps_multiscale_features_to_tile_logits():
+    head = SegmentationHead([96, 32], num_classes=3, width=16, depth=2, projection_width=8)
+    logits = head([torch.randn(2, 96, 16, 16), torch.randn(2, 32, 32, 32)], output_size=128)
+    assert logits.shape == (2, 3, 128, 128)
+
+
+def test_dice_loss_ignores_dont_care_pixels():
+    labels = torch.tensor([[[0, 1], [255, 255]]])
+    perfect = torch.tensor([[[[9.0, -9.0], [0.0, 0.0]], [[-9.0, 9.0], [0.0, 0.0]]]])
+    assert dice_loss(perfect, labels, ignore_index=255) < 1e-3
+
+
+def test_fit_then_evaluate_writes_run_and_metrics(extracted_small, tmp_path):
+    config, store_path = extracted_small
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"})
+    result = fit_head(config, show_progress=False)
+    run = load_run(result.run_dir)
+    record = run.record
+    assert record["store_fingerprint"] == FeatureStore.open(store_path).fingerprint
+    assert record["timesteps"] == [50, 150] and record["blocks"] == ["up1", "up3.2"]
+    assert record["seed"] == 0 and record["config"]["train"]["epochs"] == 2
+    assert (result.run_dir / "head.safetensors").exists() and (result.run_dir / "history.csv").exists()
+    assert len(json.loads((result.run_dir / "history.json").read_text())) == 2
+
+    evaluation = evaluate_run(config, run, show_progress=False)
+    metrics = evaluation.metrics["splits"]["test"]
+    assert metrics["images"] == 2
+    assert {"pixel_accuracy", "miou", "miou_no_background", "mean_dice", "objects"} <= set(metrics)
+    assert {"object_f1", "object_dice", "object_hausdorff"} <= set(metrics["objects"])
+    assert (evaluation.directory / "metrics.md").read_text().startswith("# Evaluation")
+    assert len(list((evaluation.directory / "overlays" / "test").glob("*.png"))) == 1
+
+
+def test_fit_is_reproducible(extracted_small, tmp_path):
+    config, _ = extracted_small
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"})
+    a = fit_head(config, run_dir=tmp_path / "a", show_progress=False)
+    b = fit_head(config, run_dir=tmp_path / "b", show_progress=False)
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+
+
+def test_ablations_on_one_store_never_extract(extracted_small, tmp_path, monkeypatch):
+    config, _ = extracted_small
+    monkeypatch.setattr(runner, "load_backbone", lambda *a, **k: pytest.fail("stage 2 built the backbone"))
+    dirs = set()
+    for timesteps, blocks in (([50], ["up1"]), ([150], ["output_blocks.11"])):
+        ablation = config.model_copy(update={"runs_dir": tmp_path / "runs"}, deep=True)
+        ablation.head.timesteps, ablation.head.blocks = timesteps, blocks
+        ablation.train.epochs = 1
+        result = fit_head(ablation, show_progress=False)
+        dirs.add(result.run_dir)
+        assert load_run(result.run_dir).record["blocks"] == [blocks[0].replace("output_blocks.11", "up3.2")]
+    assert len(dirs) == 2
+
+
+def test_missing_or_incomplete_features_are_refused(extracted_small, tmp_path):
+    config, store_path = extracted_small
+    missing = config.model_copy(deep=True)
+    missing.head.timesteps = [999]
+    with pytest.raises(PathsegError, match="no features for timestep 999"):
+        fit_head(missing, show_progress=False)
+    store = FeatureStore.open(store_path, mode="a")
+    store.group["done/t0050/up1"][0] = 0
+    try:
+        with pytest.raises(PathsegError, match="incomplete"):
+            fit_head(config, show_progress=False)
+    finally:
+        store.group["done/t0050/up1"][0] = 1
+
+
+def test_default_run_beats_all_background(tmp_path):
+    """`pathseg run` on the shipped pipeline.yaml (synthetic data, tiny backbone), as the README runs it:
+    the head must find glands, not just predict background."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pathseg.cli", "run", "--config", str(root / "pipeline.yaml"), "--quiet",
+               "--set", f"cache_dir={tmp_path / 'cache'}", "--set", f"runs_dir={tmp_path / 'runs'}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "pixel acc" in done.stdout and "gland" in done.stdout
+    (metrics_file,) = (tmp_path / "runs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())["splits"]["test"]
+    (store_path,) = (tmp_path / "cache").glob("*.zarr")
+    store = FeatureStore.open(store_path)
+    labels = np.concatenate([store.image_labels(i).ravel() for i, e in enumerate(store.images) if e.split == "test"])
+    background_share = (labels == 0).mean()
+    all_background_miou = background_share / 2  # IoU(bg) = share of bg pixels, IoU(gland) = 0
+    assert metrics["pixel_accuracy"] > background_share
+    assert metrics["miou"] > all_background_miou + 0.15
+    assert metrics["per_class"]["gland"]["iou"] > 0.3

@@ -1,0 +1,116 @@
+"""`pathseg evaluate`: predict every tile from the store, stitch whole images, score them.
+
+Scores are computed on whole images, not tiles: overlapping tile logits are averaged and the
+padding cropped, which is how the contest metrics (object F1, Dice, Hausdorff) are defined.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pathseg.train_head.fit import pick_device
+from pathseg.train_head.head import SegmentationHead
+from pathseg.train_head.loader import StoreLoader
+from pathseg.train_head.overlays import save_overlay
+from pathseg.train_head.runs import Run, atomic_write_text, load_run
+from pathseg.train_head.tables import metrics_markdown, metrics_text
+
+from pathseg.config import PipelineConfig
+from pathseg.errors import PathsegError
+from pathseg.metrics import ConfusionMatrix, GlandMetrics, instances_from_semantic, pixel_metrics
+from pathseg.progress import progress_bar, say
+from pathseg.store import FeatureStore
+from pathseg.tiling import Stitcher
+
+
+def predict_image(head: SegmentationHead, store: FeatureStore, pairs: list[tuple[int, str]], index: int,
+                  device: torch.device, batch_size: int) -> np.ndarray:
+    """(classes, H, W) averaged logits of one image, from its cached tiles."""
+    entry = store.images[index]
+    grid = store.image_grid(index)
+    tiles = np.arange(entry.first_tile, entry.first_tile + entry.n_tiles)
+    origins = store.tile_origins()[tiles]
+    stitcher = Stitcher(grid, head.num_classes)
+    loader = StoreLoader(store, pairs, tiles, batch_size, prefetch=0, with_labels=False)
+    position = {int(t): k for k, t in enumerate(tiles)}
+    with torch.inference_mode():
+        for batch in loader:
+            logits = head([f.to(device) for f in batch.features], store.tile_size).float().cpu().numpy()
+            for tile, tile_logits in zip(batch.tiles, logits, strict=True):
+                stitcher.add(tuple(origins[position[int(tile)]]), tile_logits)
+    return stitcher.result()
+
+
+def default_splits(store: FeatureStore, config: PipelineConfig) -> list[str]:
+    """Held-out splits: everything but the training and validation splits (val if nothing else)."""
+    held_out = [s for s in store.splits() if s not in (config.train.train_split, config.train.val_split)]
+    return held_out or [config.train.val_split]
+
+
+@dataclass
+class EvaluationResult:
+    directory: Path
+    metrics: dict
+
+
+def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] | None = None,
+                 show_progress: bool = True) -> EvaluationResult:
+    run = run if isinstance(run, Run) else load_run(run)
+    store = FeatureStore.open(Path(run.record["store"]))
+    if store.fingerprint != run.record["store_fingerprint"]:
+        raise PathsegError(
+            f"{store.path} was re-extracted since run {run.directory} was trained (fingerprint changed); refit the head"
+        )
+    store.require(run.pairs)
+    splits = splits or config.evaluate.splits or default_splits(store, config)
+    unknown = [s for s in splits if s not in store.splits()]
+    if unknown:
+        raise PathsegError(f"{store.path} has no split(s) {unknown}; its splits are {store.splits()}")
+    device = pick_device(config.train.device)
+    head = run.load_head(device)
+    class_names = store.class_names
+    out_dir = run.directory / "eval"
+    results: dict[str, dict] = {}
+    images = store.images
+    for split in splits:
+        indices = [i for i, entry in enumerate(images) if entry.split == split]
+        matrix = ConfusionMatrix(len(class_names), store.ignore_index)
+        glands = GlandMetrics() if store.has_instances else None
+        with progress_bar(f"evaluate {split}", len(indices), "images", show_progress) as advance:
+            for rank, index in enumerate(indices):
+                logits = predict_image(head, store, run.pairs, index, device, config.train.batch_size)
+                prediction = logits.argmax(axis=0).astype(np.uint8)
+                truth = store.image_labels(index)
+                matrix.update(truth, prediction)
+                if glands is not None:
+                    truth_instances = store.image_instances(index)
+                    predicted = instances_from_semantic(prediction > 0, config.evaluate.min_object_area)
+                    glands.update(truth_instances, predicted)
+                if rank < config.evaluate.overlays:
+                    save_overlay(out_dir / "overlays" / split / f"{images[index].id}.png", store.image_rgb(index),
+                                 truth, prediction, len(class_names), store.ignore_index)
+                advance(1)
+        split_metrics = pixel_metrics(matrix, class_names)
+        split_metrics["images"] = len(indices)
+        if glands is not None and indices:
+            split_metrics["objects"] = glands.summary()
+        results[split] = split_metrics
+    report = {
+        "run": str(run.directory),
+        "store": str(store.path),
+        "store_fingerprint": store.fingerprint,
+        "timesteps": run.record["timesteps"],
+        "blocks": run.record["blocks"],
+        "class_names": class_names,
+        "ignore_index": store.ignore_index,
+        "splits": results,
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
+    atomic_write_text(out_dir / "metrics.md", metrics_markdown(report))
+    print(metrics_text(report))
+    say(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
+    return EvaluationResult(out_dir, report)

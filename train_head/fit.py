@@ -1,0 +1,193 @@
+"""`pathseg fit-head`: train a head on cached features only, keep the best validation epoch.
+
+Never opens a source image or builds the backbone, so an ablation costs minutes of CPU, not hours of GPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pathseg.train_head.head import SegmentationHead
+from pathseg.train_head.loader import StoreLoader
+from pathseg.train_head.runs import (
+    RUN_SCHEMA,
+    atomic_write_text,
+    default_run_dir,
+    locate_store,
+    resolve_features,
+    save_head,
+)
+from torch.nn import functional as F
+
+from pathseg.config import PipelineConfig, config_to_dict
+from pathseg.errors import PathsegError
+from pathseg.metrics import ConfusionMatrix, pixel_metrics
+from pathseg.progress import progress_bar, say
+from pathseg.store import FeatureStore, software_versions
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PathsegError(f"train.device is {name!r} but no CUDA GPU is visible; use auto or cpu")
+    return device
+
+
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """Soft Dice averaged over classes, ignoring don't-care pixels: counters class imbalance that CE leaves."""
+    probabilities = logits.softmax(dim=1)
+    valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
+    target = F.one_hot(torch.where(valid, labels, 0), logits.shape[1]).permute(0, 3, 1, 2).float()
+    mask = valid.unsqueeze(1).float()
+    intersection = (probabilities * target * mask).sum(dim=(0, 2, 3))
+    total = (probabilities * mask).sum(dim=(0, 2, 3)) + (target * mask).sum(dim=(0, 2, 3))
+    present = (target * mask).sum(dim=(0, 2, 3)) > 0
+    dice = (2 * intersection + 1.0) / (total + 1.0)
+    return 1.0 - dice[present].mean() if present.any() else logits.sum() * 0.0
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, ignore_index: int | None) -> torch.Tensor:
+    ce = F.cross_entropy(logits, labels, ignore_index=-100 if ignore_index is None else ignore_index)
+    return ce + dice_loss(logits, labels, ignore_index) if kind == "ce+dice" else ce
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_epoch: int
+    best_metric: float | None
+    history: list[dict]
+
+
+def _evaluate_tiles(head: SegmentationHead, loader: StoreLoader, store: FeatureStore, device: torch.device) -> dict:
+    matrix = ConfusionMatrix(len(store.class_names), store.ignore_index)
+    head.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            logits = head([f.to(device) for f in batch.features], store.tile_size)
+            matrix.update(batch.labels.numpy(), logits.argmax(dim=1).cpu().numpy())
+    return pixel_metrics(matrix, store.class_names)
+
+
+def _history_csv(history: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def fit_head(
+    config: PipelineConfig, *, store_path: Path | None = None, run_dir: Path | None = None, show_progress: bool = True
+) -> FitResult:
+    store = locate_store(config, store_path)
+    pairs = resolve_features(config, store)
+    train = config.train
+    train_tiles = store.tiles_of_splits([train.train_split])
+    if len(train_tiles) == 0:
+        raise PathsegError(
+            f"{store.path} has no tiles in split {train.train_split!r} (splits: {store.splits()}); "
+            "set train.train_split"
+        )
+    val_tiles = store.tiles_of_splits([train.val_split])
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config, store, pairs)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(train.seed)
+    device = pick_device(train.device)
+    in_channels = [store.feature_array(t, b).shape[1] for t, b in pairs]
+    h = config.head
+    head = SegmentationHead(in_channels, len(store.class_names), h.width, h.depth, h.dropout, h.projection_width).to(
+        device
+    )
+    loader = StoreLoader(
+        store,
+        pairs,
+        train_tiles,
+        train.batch_size,
+        shuffle=True,
+        augment=train.augment,
+        seed=train.seed,
+        prefetch=train.prefetch,
+    )
+    val_loader = StoreLoader(store, pairs, val_tiles, train.batch_size, prefetch=train.prefetch)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    total_steps = train.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+    ignore_index = store.ignore_index
+
+    history: list[dict] = []
+    best_epoch, best_metric = -1, -math.inf
+    started = time.perf_counter()
+    with progress_bar("fit-head", total_steps, "steps", show_progress) as advance:
+        for epoch in range(train.epochs):
+            head.train()
+            loader.set_epoch(epoch)
+            losses = []
+            for batch in loader:
+                logits = head([f.to(device, non_blocking=True) for f in batch.features], store.tile_size)
+                loss = segmentation_loss(logits, batch.labels.to(device), train.loss, ignore_index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                advance(1)
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
+            if len(val_tiles):
+                metrics = _evaluate_tiles(head, val_loader, store, device)
+                row.update(
+                    {
+                        "val_pixel_accuracy": metrics["pixel_accuracy"],
+                        "val_miou": metrics["miou"],
+                        "val_mean_dice": metrics["mean_dice"],
+                    }
+                )
+                score = metrics["miou"]
+            else:
+                score = -row["train_loss"]
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            history.append(row)
+            if score > best_metric:
+                best_epoch, best_metric = epoch, score
+                save_head(head, run_dir / "head.safetensors")
+
+    record = {
+        "schema": RUN_SCHEMA,
+        "store": str(store.path.resolve()),
+        "store_fingerprint": store.fingerprint,
+        "pairs": [list(p) for p in pairs],
+        "timesteps": list(dict.fromkeys(t for t, _ in pairs)),
+        "blocks": list(dict.fromkeys(b for _, b in pairs)),
+        "in_channels": in_channels,
+        "class_names": store.class_names,
+        "ignore_index": ignore_index,
+        "tile_size": store.tile_size,
+        "head": config.head.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        "seed": train.seed,
+        "train_tiles": int(len(train_tiles)),
+        "val_tiles": int(len(val_tiles)),
+        "best_epoch": best_epoch,
+        "best_selection": "val_miou" if len(val_tiles) else "train_loss (no validation tiles)",
+        "config": config_to_dict(config),
+        "versions": software_versions(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
+    atomic_write_text(run_dir / "history.csv", _history_csv(history))
+    atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2))
+    say(f"head trained on {len(train_tiles)} tiles x {len(pairs)} feature maps; best epoch {best_epoch}; run {run_dir}")
+    return FitResult(run_dir, best_epoch, None if len(val_tiles) == 0 else best_metric, history)

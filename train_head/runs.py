@@ -1,0 +1,134 @@
+"""Run directories: which store, which features, which settings, and the trained head, side by side.
+
+A run directory holds `run.json` (the resolved config, store path and fingerprint, timesteps,
+blocks, seeds, best epoch), `head.safetensors`, and the per-epoch history as CSV and JSON, so any
+number can be traced to exactly the cache and settings that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pathseg.train_head.head import SegmentationHead
+from safetensors.torch import load_file, save_file
+
+from pathseg.config import PipelineConfig
+from pathseg.errors import PathsegError
+from pathseg.store import FeatureStore, digest, store_path_for
+
+RUN_SCHEMA = 1
+
+
+def resolve_features(config: PipelineConfig, store: FeatureStore) -> list[tuple[int, str]]:
+    """The head's (timestep, block) inputs: head.* when set, else everything extract.* asked for.
+
+    Block aliases (output_blocks.K) resolve through the table the extraction recorded, since this
+    stage never builds the backbone.
+    """
+    timesteps = config.head.timesteps or config.extract.timesteps
+    names = config.head.blocks or config.extract.blocks
+    aliases: dict[str, str] = store.attrs.get("block_aliases", {})
+    blocks = []
+    for name in names:
+        canonical = aliases.get(name.strip().replace(" ", ""), name)
+        if aliases and canonical not in aliases.values():
+            valid = ", ".join(dict.fromkeys(aliases.values()))
+            raise PathsegError(f"unknown block {name!r} in head.blocks; valid blocks are: {valid}")
+        blocks.append(canonical)
+    pairs = [(int(t), b) for t in timesteps for b in dict.fromkeys(blocks)]
+    store.require(pairs)
+    return pairs
+
+
+def locate_store(config: PipelineConfig, explicit: Path | None = None) -> FeatureStore:
+    path = Path(explicit) if explicit is not None else store_path_for(config)
+    if not (path / "zarr.json").exists():
+        raise PathsegError(
+            f"no feature store at {path} for this config; run `pathseg extract` with the same config first "
+            "(or pass --store)"
+        )
+    return FeatureStore.open(path)
+
+
+def run_key(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, str]]) -> str:
+    return digest(
+        {
+            "store": store.fingerprint,
+            "pairs": pairs,
+            "head": config.head.model_dump(mode="json"),
+            "train": config.train.model_dump(mode="json"),
+        }
+    )
+
+
+def default_run_dir(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, str]]) -> Path:
+    """runs/<store name>/<t...>_<blocks>_<key>: readable, and distinct for every ablation."""
+    steps = "-".join(f"t{t}" for t in dict.fromkeys(t for t, _ in pairs))
+    blocks = "-".join(dict.fromkeys(b for _, b in pairs))
+    return Path(config.runs_dir) / store.path.stem / f"{steps}_{blocks}_{run_key(config, store, pairs)[:8]}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_head(head: SegmentationHead, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Run:
+    directory: Path
+    record: dict[str, Any]
+
+    @property
+    def pairs(self) -> list[tuple[int, str]]:
+        return [(int(t), str(b)) for t, b in self.record["pairs"]]
+
+    def build_head(self) -> SegmentationHead:
+        h = self.record["head"]
+        return SegmentationHead(
+            self.record["in_channels"],
+            len(self.record["class_names"]),
+            h["width"],
+            h["depth"],
+            h["dropout"],
+            h["projection_width"],
+        )
+
+    def load_head(self, device: torch.device | str = "cpu") -> SegmentationHead:
+        head = self.build_head()
+        weights = self.directory / "head.safetensors"
+        if not weights.exists():
+            raise PathsegError(f"{weights} is missing; the run did not finish, rerun `pathseg fit-head`")
+        head.load_state_dict(load_file(str(weights)))
+        return head.to(device).eval()
+
+
+def load_run(directory: Path) -> Run:
+    record_path = Path(directory) / "run.json"
+    if not record_path.exists():
+        raise PathsegError(
+            f"{directory} is not a finished run (no run.json); pass a run directory of `pathseg fit-head`"
+        )
+    record = json.loads(record_path.read_text())
+    if record.get("schema") != RUN_SCHEMA:
+        raise PathsegError(f"{record_path}: run schema {record.get('schema')} is not {RUN_SCHEMA}; refit the head")
+    return Run(Path(directory), record)

@@ -7,6 +7,7 @@ one place they disagree: `output_blocks[k]` at the end of a level includes the 2
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -95,3 +96,30 @@ def describe_ldm_yaml(yaml_path: Path | str, tile_size: int = 256) -> list[dict]
         unet = UNet2DConditionModel(**configs["unet"])
     factor = _latent_factor(None, configs["first_stage"]["block_out_channels"])
     return describe_blocks(unet, tile_size, latent_factor=factor)
+
+
+def describe_backbone(name: str, config_path: Path | str | None = None, tile_size: int = 256) -> list[dict]:
+    """`describe_blocks` for any backbone setting, built on the meta device: no weights are read or drawn.
+
+    A project YAML alone (name is the YAML, or a `.ckpt` with its YAML) describes the original network;
+    presets and diffusers directories are read from their configs.
+    """
+    from pathseg.extract.backbone import PAPER, TINY, unet_config_for
+
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return describe_ldm_yaml(path, tile_size)
+    if path.suffix == ".ckpt" and config_path is not None:
+        return describe_ldm_yaml(config_path, tile_size)
+    unet_config = unet_config_for(name, Path(config_path) if config_path else None)
+    presets = {"tiny": TINY, "paper-random": PAPER}
+    if name in presets:
+        first_levels = presets[name]["first_stage"]["block_out_channels"]
+    else:
+        first_stage_config = path / "first_stage" / "config.json"
+        first_levels = json.loads(first_stage_config.read_text())["block_out_channels"] if first_stage_config.exists() \
+            else [0, 0, 0]
+    unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    return describe_blocks(unet, tile_size, latent_factor=_latent_factor(None, list(first_levels)))

@@ -28,7 +28,10 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(backbone_app, name="backbone")
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="pipeline.yaml to read (default: built-in defaults)")
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="pipeline.yaml to read (default: ./pipeline.yaml if present, else built-in defaults)"
+    ),
 ]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="override any setting: section.key=value (repeatable)")
@@ -65,6 +68,8 @@ def _split(text: str | None, cast=str) -> list | None:
 def build_config(config: Path | None, sets: list[str] | None, **flags: Any) -> PipelineConfig:
     """Flags win over --set, which wins over the YAML file."""
     overrides: dict[str, Any] = dict(parse_override(item) for item in sets or [])
+    if config is None and Path("pipeline.yaml").is_file():
+        config = Path("pipeline.yaml")
     mapping = {
         "dataset": "dataset.name",
         "data_root": "dataset.root",
@@ -125,6 +130,124 @@ def extract(
         )
 
 
+HeadTimestepsOption = Annotated[
+    str | None, typer.Option("--head-timesteps", help="subset of cached timesteps for the head")
+]
+HeadBlocksOption = Annotated[str | None, typer.Option("--head-blocks", help="subset of cached blocks for the head")]
+RunDirOption = Annotated[
+    Path | None, typer.Option("--run-dir", help="run directory (default: derived from the config)")
+]
+EpochsOption = Annotated[int | None, typer.Option("--epochs", help="training epochs")]
+SplitsOption = Annotated[str | None, typer.Option("--splits", help="comma-separated splits to evaluate")]
+
+
+@app.command("fit-head")
+def fit_head_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    backbone: BackboneOption = None,
+    backbone_config: BackboneConfigOption = None,
+    head_timesteps: HeadTimestepsOption = None,
+    head_blocks: HeadBlocksOption = None,
+    epochs: EpochsOption = None,
+    store: StoreOption = None,
+    run_dir: RunDirOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Stage 2: train a segmentation head from the cached features alone."""
+    from pathseg.train_head.fit import fit_head
+
+    cfg = build_config(
+        config,
+        set_,
+        dataset=dataset,
+        data_root=data_root,
+        backbone=backbone,
+        backbone_config=backbone_config,
+        head_timesteps=_split(head_timesteps, int),
+        head_blocks=_split(head_blocks),
+        epochs=epochs,
+    )
+    fit_head(cfg, store_path=store, run_dir=run_dir, show_progress=not quiet)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[
+        Path | None, typer.Argument(help="run directory of `pathseg fit-head` (default: from the config)")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    backbone: BackboneOption = None,
+    backbone_config: BackboneConfigOption = None,
+    head_timesteps: HeadTimestepsOption = None,
+    head_blocks: HeadBlocksOption = None,
+    splits: SplitsOption = None,
+    store: StoreOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Stitch tile predictions into whole images and report pixel and object metrics."""
+    from pathseg.train_head.evaluate import evaluate_run
+    from pathseg.train_head.runs import default_run_dir, locate_store, resolve_features
+
+    cfg = build_config(
+        config,
+        set_,
+        dataset=dataset,
+        data_root=data_root,
+        backbone=backbone,
+        backbone_config=backbone_config,
+        head_timesteps=_split(head_timesteps, int),
+        head_blocks=_split(head_blocks),
+        splits=_split(splits),
+    )
+    if run is None:
+        feature_store = locate_store(cfg, store)
+        run = default_run_dir(cfg, feature_store, resolve_features(cfg, feature_store))
+    evaluate_run(cfg, run, show_progress=not quiet)
+
+
+@app.command("run")
+def run_all(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    backbone: BackboneOption = None,
+    backbone_config: BackboneConfigOption = None,
+    timesteps: TimestepsOption = None,
+    blocks: BlocksOption = None,
+    epochs: EpochsOption = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a store made from other data or weights")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """extract, fit-head and evaluate in one go, from one config."""
+    from pathseg.extract.runner import run_extraction
+    from pathseg.train_head.evaluate import evaluate_run
+    from pathseg.train_head.fit import fit_head
+
+    cfg = build_config(
+        config,
+        set_,
+        dataset=dataset,
+        data_root=data_root,
+        backbone=backbone,
+        backbone_config=backbone_config,
+        timesteps=_split(timesteps, int),
+        blocks=_split(blocks),
+        epochs=epochs,
+    )
+    summary = run_extraction(cfg, overwrite=overwrite, show_progress=not quiet)
+    computed = "cached" if summary.nothing_to_do else f"{summary.computed_tiles} tiles computed"
+    say(f"features: {summary.store} ({computed})")
+    result = fit_head(cfg, store_path=summary.store, show_progress=not quiet)
+    evaluate_run(cfg, result.run_dir, show_progress=not quiet)
+
+
 @cache_app.command("ls")
 def cache_ls(config: ConfigOption = None, set_: SetOption = None) -> None:
     """List the stores under the cache directory."""
@@ -150,6 +273,43 @@ def cache_info(
 
     info = FeatureStore.open(store).info()
     print(json.dumps(info, indent=2) if as_json else store_info_text(info))
+
+
+@backbone_app.command("info")
+def backbone_info(
+    backbone: Annotated[
+        str, typer.Option("--backbone", help="tiny, paper-random, a diffusers directory, a .ckpt or a project YAML")
+    ] = "tiny",
+    backbone_config: BackboneConfigOption = None,
+    tile_size: Annotated[int, typer.Option("--tile-size", help="tile side in px the sizes are given for")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Every extractable decoder block: its name, output_blocks alias, channels and map size per tile."""
+    from pathseg.extract.backbone_info import describe_backbone, format_block_table
+
+    rows = describe_backbone(backbone, backbone_config, tile_size)
+    print(json.dumps(rows, indent=2) if as_json else format_block_table(rows))
+
+
+@app.command("convert-ldm")
+def convert_ldm_command(
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="the original Lightning checkpoint (.ckpt)")],
+    config: Annotated[Path, typer.Option("--config", help="its project YAML (e.g. configs/.../only_ssl.yaml)")],
+    out: Annotated[Path, typer.Option("--out", help="new directory for the diffusers-format backbone")],
+    ignore_prefix: Annotated[
+        list[str] | None, typer.Option("--ignore-prefix", help="extra training-only key prefix to skip (repeatable)")
+    ] = None,
+) -> None:
+    """Convert an original SSL-conditioned LDM checkpoint into a diffusers-format backbone directory."""
+    from pathseg.extract.ldm_checkpoint import convert_ldm
+
+    report = convert_ldm(ckpt, config, out, ignore_prefixes=ignore_prefix or [])
+    ignored = sum(entry["count"] for entry in report["ignored"].values())
+    say(
+        f"wrote {out}: {report['used_total']} tensors converted, {ignored} ignored "
+        f"({', '.join(report['ignored']) or 'none'}), {len(report['schedule_buffers_checked'])} schedule buffers "
+        f"checked; details in {out / 'conversion_report.json'}"
+    )
 
 
 def main() -> None:

@@ -702,3 +702,55 @@ def test_missing_files_fail_in_one_line(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(PathsegError, match="not a readable PyTorch file"):
         load_ldm_checkpoint(junk, SMALL_YAML)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The command line: convert-ldm, then extract, gives the original model's features
+# ---------------------------------------------------------------------------------------------------------
+
+
+def invoke(args: list[str]) -> str:
+    from typer.testing import CliRunner
+
+    from pathseg.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+@torch.no_grad()
+def test_cli_convert_then_extract_equals_the_reference_computation(tmp_path, monkeypatch, ckpt, reference):
+    from pathseg.extract.tiles import PaddedView, tile_noise
+    from pathseg.store import FeatureStore
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "converted"
+    invoke(["convert-ldm", "--ckpt", str(ckpt), "--config", str(SMALL_YAML), "--out", str(out)])
+    assert "output_blocks.11" in invoke(["backbone", "info", "--backbone", str(out), "--tile-size", "64"])
+    settings = {"cache_dir": "cache", "dataset.synthetic.train": 1, "dataset.synthetic.val": 0,
+                "dataset.synthetic.test": 0, "dataset.synthetic.height": 80, "dataset.synthetic.width": 100,
+                "tiling.tile_size": 64, "tiling.stride": 48, "extract.batch_size": 3}
+    sets = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
+    invoke(["extract", "--backbone", str(out), "--timesteps", "50,400", "--blocks", "output_blocks.4,mid",
+            "--quiet", *sets])
+    (path,) = (tmp_path / "cache").glob("*.zarr")
+    store = FeatureStore.open(path)
+    entry = store.images[0]
+    view = PaddedView(store.image_rgb(0), store.image_grid(0), "reflect")
+    origins = store.tile_origins()
+    tiles = np.stack([view.tile(tuple(o), 64) for o in origins])
+    images = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
+    z0 = reference.first_stage_model.encode(images)
+    noise = tile_noise(0, [f"{entry.id}:{y}:{x}" for y, x in origins], (3, 16, 16))
+    n = len(origins)
+    context = reference.cond_stage_model(torch.zeros(n, 24), torch.zeros(n, 40))  # the null context
+    alphas = reference_schedule(0.0015, 0.0195, 1000)["alphas_cumprod"]
+    for t in (50, 400):
+        zt = math.sqrt(alphas[t]) * z0 + math.sqrt(1 - alphas[t]) * noise
+        _, middle, outputs = reference.model.diffusion_model(zt, torch.full((n,), t), context)
+        block4 = canonical_block("output_blocks.4", json.loads((out / "unet" / "config.json").read_text()))
+        for name, expected in ((block4, outputs[4]), ("mid", middle)):
+            stored = torch.from_numpy(store.read_features(t, name, slice(None)).astype(np.float32))
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(stored, expected, rtol=2e-3, atol=2e-3 * scale, msg=f"t={t} {name}")

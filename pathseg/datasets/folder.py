@@ -104,7 +104,7 @@ class ClassTable:
 def read_classes(path: Path) -> ClassTable:
     if not path.is_file():
         raise PathsegError(
-            f"{path} does not exist; write it with the class names (see docs/datasets.md) "
+            f"{path} does not exist; write it with the class names (README, 'Your own annotated images') "
             "or point dataset.folder.classes_file at yours"
         )
     try:

@@ -7,6 +7,7 @@ missing and a new timestep or block extends the store instead of rebuilding it.
 
 from __future__ import annotations
 
+import errno
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, tile
 from pathseg.config import PipelineConfig, config_to_dict
 from pathseg.datasets import build_dataset
 from pathseg.errors import PathsegError
-from pathseg.progress import progress_bar
-from pathseg.store import FeatureStore, digest, feature_key, store_path_for
+from pathseg.locking import store_lock
+from pathseg.progress import progress_bar, say
+from pathseg.store import FeatureStore, digest, feature_key, remove_partial_files, store_path_for
 
 
 @dataclass
@@ -101,10 +103,15 @@ def _open_store(
     config: PipelineConfig, path: Path, identity: dict, fingerprint: str, dataset, records, overwrite: bool
 ) -> FeatureStore:
     if (path / "zarr.json").exists():
-        store = FeatureStore.open(path, mode="a")
-        if store.fingerprint == fingerprint:
+        try:
+            store = FeatureStore.open(path, mode="a")
+        except PathsegError:
+            if not overwrite:
+                raise
+            store = None
+        if store is not None and store.fingerprint == fingerprint:
             return store
-        if not overwrite:
+        if store is not None and not overwrite:
             raise PathsegError(
                 f"{path} holds features of other data or weights (fingerprint {store.fingerprint[:12]} != "
                 f"{fingerprint[:12]}); rerun with --overwrite to replace it"
@@ -181,6 +188,21 @@ class _Extractor:
 def run_extraction(
     config: PipelineConfig, *, overwrite: bool = False, show_progress: bool = True, store_path: Path | None = None
 ) -> ExtractionSummary:
+    """Extract what the config asks that the store lacks; one writer per store at a time (see `locking`)."""
+    path = Path(store_path) if store_path else store_path_for(config)
+    with store_lock(path, on_wait=say if show_progress else None):
+        try:
+            return _extract_locked(config, path, overwrite, show_progress)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise PathsegError(
+                    f"no space left on the device while writing {path}; free some space and rerun the same "
+                    "command: finished shards are kept and only the rest is computed"
+                ) from None
+            raise
+
+
+def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_progress: bool) -> ExtractionSummary:
     import time
 
     started = time.perf_counter()
@@ -188,12 +210,12 @@ def run_extraction(
     records = dataset.records()
     if not records:
         raise PathsegError(f"dataset {config.dataset.name!r} has no images for splits {config.dataset.splits}")
-    path = Path(store_path) if store_path else store_path_for(config)
     layout = UNetLayout.of(unet_config_for(config.backbone.name, config.backbone.config))
     pairs = requested_arrays(config, layout)
     identity = store_identity(config, dataset.identity())
     fingerprint = digest(identity)
     store = _open_store(config, path, identity, fingerprint, dataset, records, overwrite)
+    remove_partial_files(path)
     summary = ExtractionSummary(store=path)
     summary.prepared_images = _prepare_images(store, records, config, show_progress)
 

@@ -275,6 +275,28 @@ def cache_info(
     print(json.dumps(info, indent=2) if as_json else store_info_text(info))
 
 
+@cache_app.command("verify")
+def cache_verify(
+    store: Annotated[Path, typer.Argument(help="path of a feature store")],
+    quick: Annotated[bool, typer.Option("--quick", help="skip reading every value for NaN/Inf")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Check a store: completeness, shapes and dtypes against its attrs, NaN/Inf, and its fingerprint."""
+    from pathseg.progress import progress_bar
+    from pathseg.store import FeatureStore
+
+    feature_store = FeatureStore.open(store)
+    arrays = len(feature_store.feature_infos())
+    with progress_bar("verify", arrays, "arrays", not quiet and not quick) as advance:
+        report = feature_store.verify(check_values=not quick, progress=advance)
+    if report["problems"]:
+        for problem in report["problems"]:
+            print(f"{store}: {problem}")
+        raise typer.Exit(1)
+    checked = "values not read (--quick)" if quick else f"{report['tiles_value_checked']} tile arrays read, all finite"
+    print(f"{store}: OK ({report['arrays']} feature arrays complete, {feature_store.n_tiles} tiles; {checked})")
+
+
 @backbone_app.command("info")
 def backbone_info(
     backbone: Annotated[
@@ -314,7 +336,9 @@ def convert_ldm_command(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PathsegError as error:
         _fail(str(error))
     except KeyboardInterrupt:

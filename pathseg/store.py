@@ -11,8 +11,10 @@ One Zarr v3 group per (dataset, backbone weights, conditioning, tiling, noise se
     features/t{t:04d}/{block}  (n,C,h,w) float16, one tile per chunk, shards of S tiles, zstd
     done/t{t:04d}/{block}      (n_shards,) uint8, 1 once that shard's features are written
 
-A flag is written only after the data it vouches for, so a killed run leaves at worst unflagged
-work, which the next run redoes. Blocks keep their native resolution: upsampling is the head's job.
+A flag is written only after the data it vouches for has been flushed to disk (fsync), so a killed
+run, even by SIGKILL or a power cut, leaves at worst unflagged work, which the next run redoes. A new
+store is laid out in a side directory and renamed into place, so a half-created store never looks
+like one. Blocks keep their native resolution: upsampling is the head's job.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -103,12 +106,22 @@ class FeatureStore:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise PathsegError(f"no feature store at {path}; run `pathseg extract` first (or pass the right --store)")
-        group = zarr.open_group(str(path), mode=mode)
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+            attrs = dict(group.attrs)
+        except (ValueError, OSError, json.JSONDecodeError) as error:
+            raise PathsegError(f"{path} is not a readable feature store ({str(error).splitlines()[0]}); "
+                               "re-extract it with --overwrite") from None
         store = cls(path, group)
-        version = store.attrs.get("schema_version")
+        version = attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PathsegError(
                 f"{path}: store schema {version} is not {SCHEMA_VERSION}; re-extract it with this pathseg version"
+            )
+        if "identity" not in attrs or digest(attrs["identity"]) != attrs.get("fingerprint"):
+            raise PathsegError(
+                f"{path}: its recorded identity does not match its fingerprint (edited or mixed stores?); "
+                "run `pathseg cache verify` on it, or re-extract with --overwrite"
             )
         return store
 
@@ -130,12 +143,16 @@ class FeatureStore:
         compression_level: int = 3,
         tiles_per_shard: int = 16,
     ) -> FeatureStore:
-        """Lay out a new store; features are added later, array by array, as extraction asks for them."""
+        """Lay out a new store; features are added later, array by array, as extraction asks for them.
+
+        Built in `<path>.creating` and renamed into place once its tables and attrs are written.
+        """
         path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)
+        building = path.with_name(path.name + ".creating")
+        if building.exists():
+            shutil.rmtree(building)
         path.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(path), mode="w")
+        group = zarr.open_group(str(building), mode="w")
         n_tiles = int(sum(entry.n_tiles for entry in images))
         image_index = np.concatenate([np.full(e.n_tiles, i, dtype=np.int32) for i, e in enumerate(images)])
         compressor = ZstdCodec(level=compression_level)
@@ -170,7 +187,12 @@ class FeatureStore:
                 "features": {},
             }
         )
-        return cls(path, group)
+        _fsync_tree(building)
+        if path.exists():
+            shutil.rmtree(path)
+        building.rename(path)
+        _fsync_dir(path.parent)
+        return cls(path, zarr.open_group(str(path), mode="r+"))
 
     # ---- metadata ------------------------------------------------------------------------------
 
@@ -265,7 +287,10 @@ class FeatureStore:
             )
         start = entry.first_tile
         self.group["tiles/labels"][start : start + entry.n_tiles] = tile_labels
+        _fsync_tree(self.path / base)
+        _fsync_tree(self.path / "tiles" / "labels")
         self.group["images/done"][index] = 1
+        _fsync_tree(self.path / "images" / "done")
 
     def image_rgb(self, index: int) -> np.ndarray:
         return np.asarray(self.group[f"images/{index}/rgb"][:])
@@ -343,7 +368,9 @@ class FeatureStore:
         if data.shape[0] != stop - start:
             raise ValueError(f"shard {shard} of {key} holds {stop - start} tiles, got {data.shape[0]}")
         self.group[f"features/{key}"][start:stop] = data.astype(np.float16, copy=False)
+        _fsync_file(self.path / "features" / key / "c" / str(shard))
         self.group[f"done/{key}"][shard] = 1
+        _fsync_file(self.path / "done" / key / "c" / str(shard))
 
     def feature_array(self, timestep: int, block: str) -> zarr.Array:
         key = feature_key(timestep, block)
@@ -380,6 +407,96 @@ class FeatureStore:
         """Name -> canonical block, so stage 2 resolves `output_blocks.K` without the backbone."""
         if self.attrs.get("block_aliases") != aliases:
             self.group.attrs["block_aliases"] = aliases
+
+    # ---- integrity -----------------------------------------------------------------------------
+
+    def verify(self, check_values: bool = True, progress=None) -> dict:
+        """Everything that can be wrong with a store, as a list of one-line problems (empty: sound).
+
+        Checks the fingerprint against the recorded identity and config, the tile and image tables,
+        every feature array's shape, dtype and chunking against the attrs, completeness flags, and
+        (with `check_values`) NaN/Inf in every finished shard, read shard by shard through dask.
+        """
+        problems: list[str] = []
+        attrs = self.attrs
+        identity, config = attrs.get("identity", {}), attrs.get("config", {})
+        if digest(identity) != attrs.get("fingerprint"):
+            problems.append("fingerprint does not match the recorded identity")
+        recorded = {
+            "tiling": (identity.get("tiling"), config.get("tiling")),
+            "noise seed": (identity.get("noise_seed"), config.get("extract", {}).get("noise_seed")),
+            "backbone": (identity.get("backbone", {}).get("name"), config.get("backbone", {}).get("name")),
+            "conditioning mode": (identity.get("conditioning", {}).get("mode"),
+                                  config.get("conditioning", {}).get("mode")),
+        }
+        for what, (in_identity, in_config) in recorded.items():
+            if in_identity != in_config:
+                problems.append(f"{what} in the fingerprint ({in_identity}) differs from the recorded config "
+                                f"({in_config})")
+        n, size = self.n_tiles, self.tile_size
+        planned = sum(entry.n_tiles for entry in self.images)
+        if planned != n:
+            problems.append(f"image table plans {planned} tiles but tiles/image holds {n}")
+        for key, shape, dtype in (("tiles/origin", (n, 2), "int32"), ("tiles/labels", (n, size, size), "uint8")):
+            array = self.group.get(key)
+            if array is None or tuple(array.shape) != shape or str(array.dtype) != dtype:
+                found = "missing" if array is None else f"{tuple(array.shape)} {array.dtype}"
+                problems.append(f"{key} is {found}, expected {shape} {dtype}")
+        unwritten = int((~self.image_done()).sum())
+        if unwritten:
+            problems.append(f"{unwritten} of {len(self.images)} images not written (rerun `pathseg extract`)")
+        for index, entry in enumerate(self.images):
+            if not self.image_done()[index]:
+                continue
+            rgb = self.group.get(f"images/{index}/rgb")
+            if rgb is None or tuple(rgb.shape) != (entry.height, entry.width, 3):
+                problems.append(f"image {entry.id!r}: stored pixels missing or not {entry.height}x{entry.width}")
+        registry = attrs.get("features", {})
+        checked = nonfinite_total = 0
+        for key, row in sorted(registry.items()):
+            info = FeatureInfo(**row)
+            array = self.group.get(f"features/{key}")
+            flags = self.group.get(f"done/{key}")
+            expected = (n, info.channels, info.height, info.width)
+            if array is None or flags is None:
+                problems.append(f"features/{key}: recorded in attrs but its array or done flags are missing")
+                continue
+            if tuple(array.shape) != expected or str(array.dtype) != "float16":
+                problems.append(f"features/{key} is {tuple(array.shape)} {array.dtype}, attrs say {expected} float16")
+                continue
+            if tuple(array.chunks) != (1, *expected[1:]) or tuple(flags.shape) != (self.n_shards,):
+                problems.append(f"features/{key}: chunking or done flags differ from one tile per chunk, "
+                                f"{self.tiles_per_shard} tiles per shard")
+                continue
+            done = np.asarray(flags[:]).astype(bool)
+            if not done.all():
+                problems.append(f"features/{key}: {int((~done).sum())} of {len(done)} shards missing "
+                                "(rerun `pathseg extract` to finish them)")
+            if check_values:
+                bad = self._nonfinite_tiles(array, done)
+                checked += int(sum(self.shard_range(s)[1] - self.shard_range(s)[0] for s in np.flatnonzero(done)))
+                if bad:
+                    nonfinite_total += len(bad)
+                    shown = ", ".join(str(t) for t in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                    problems.append(f"features/{key}: {len(bad)} tiles hold NaN or Inf (tiles {shown})")
+            if progress is not None:
+                progress(1)
+        present = {f"{t.basename}/{a}" for t in _children(self.group.get("features")) for a in _names(t)}
+        for stray in sorted(present - set(registry)):
+            problems.append(f"features/{stray} is not recorded in the store's attrs (left by an interrupted run?)")
+        return {"path": str(self.path), "problems": problems, "arrays": len(registry),
+                "tiles_value_checked": checked, "nonfinite_tiles": nonfinite_total}
+
+    def _nonfinite_tiles(self, array: zarr.Array, done: np.ndarray) -> list[int]:
+        """Indices of finished tiles holding NaN/Inf; dask reads one shard per task, in parallel."""
+        import dask.array as da
+
+        per_shard = self.tiles_per_shard
+        lazy = da.from_zarr(array, chunks=(per_shard, *array.shape[1:]))
+        bad_tiles = (~da.isfinite(lazy)).any(axis=(1, 2, 3))
+        flags = np.asarray(bad_tiles.compute(scheduler="threads"))
+        finished = np.repeat(done, per_shard)[: self.n_tiles]
+        return np.flatnonzero(flags & finished).tolist()
 
     # ---- reporting -----------------------------------------------------------------------------
 
@@ -423,6 +540,65 @@ class FeatureStore:
             "features": rows,
             "complete": bool(images_done.all()) and all(row["complete"] for row in rows),
         }
+
+
+def _children(group: zarr.Group | None) -> list[zarr.Group]:
+    if group is None:
+        return []
+    return [member for _, member in group.members() if isinstance(member, zarr.Group)]
+
+
+def _names(group: zarr.Group) -> list[str]:
+    return [name for name, member in group.members() if isinstance(member, zarr.Array)]
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written chunk or shard (a file, or the directory of its key's remaining parts) and its folder."""
+    path = Path(path)
+    if path.is_dir():
+        _fsync_tree(path)
+        return
+    if not path.exists():  # an all-fill-value chunk is not written at all
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems cannot sync directories; the file itself was synced
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(root: Path) -> None:
+    root = Path(root)
+    if not root.exists():
+        return
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(folder) / name)
+        _fsync_dir(Path(folder))
+
+
+def remove_partial_files(path: Path) -> int:
+    """Temporary files a killed writer left behind (zarr writes `<chunk>.<uuid>.partial`, then renames)."""
+    removed = 0
+    for leftover in Path(path).rglob("*.partial"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _bytes_under(path: Path) -> int:

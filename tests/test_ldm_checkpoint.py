@@ -722,6 +722,7 @@ def invoke(args: list[str]) -> str:
 @torch.no_grad()
 def test_cli_convert_then_extract_equals_the_reference_computation(tmp_path, monkeypatch, ckpt, reference):
     from pathseg.extract.tiles import PaddedView, tile_noise
+
     from pathseg.store import FeatureStore
 
     monkeypatch.chdir(tmp_path)

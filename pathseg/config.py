@@ -304,6 +304,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     try:
         config = PipelineConfig.model_validate(tree)
     except ValidationError as error:
+        where = ".".join(str(part) for part in error.errors()[0]["loc"])
+        if any(where == key or where.startswith(f"{key}.") for key in overrides or {}):
+            source = "command line"
         raise PathsegError(_describe(error, source)) from None
     return config
 

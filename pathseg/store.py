@@ -286,7 +286,11 @@ class FeatureStore:
                 overwrite=True,
             )
         start = entry.first_tile
-        self.group["tiles/labels"][start : start + entry.n_tiles] = tile_labels
+        target = self.group["tiles/labels"]
+        slabs = tile_labels.batches() if hasattr(tile_labels, "batches") else [(0, tile_labels)]
+        for offset, slab in slabs:  # lazily cut tiles of a large ROI arrive a bounded slab at a time
+            slab = np.asarray(slab, dtype=np.uint8)
+            target[start + offset : start + offset + len(slab)] = slab
         _fsync_tree(self.path / base)
         _fsync_tree(self.path / "tiles" / "labels")
         self.group["images/done"][index] = 1

@@ -49,6 +49,22 @@ def extracted_small(tmp_path_factory):
     return config, summary.store
 
 
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`pathseg ARGS` in-process, as the console script runs it: (exit code, stdout, stderr)."""
+    import sys
+
+    from pathseg.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pathseg", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = int(done.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def _write_label_map(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array.astype(np.uint8), mode="L").save(path)
 

@@ -159,3 +159,16 @@ def test_real_glas_images_extract_with_tiny(tmp_path):
     assert info["complete"] and info["images"] == 3
     assert (store.images[0].height, store.images[0].width) == (522, 775)
     assert store.n_tiles == 3 * 3 * 4  # 522 -> 3 rows, 775 -> 4 cols of 256 px
+
+
+def test_images_smaller_than_one_tile(tmp_path):
+    """One tile per image (the whole image reflect-padded): its label chunk is written like any other."""
+    config = small_config(tmp_path, **{"dataset.synthetic.height": 50, "dataset.synthetic.width": 60,
+                                       "tiling.tile_size": 64, "tiling.stride": 64, "extract.timesteps": [50],
+                                       "extract.blocks": ["up1"]})
+    store = FeatureStore.open(runner.run_extraction(config, show_progress=False).store)
+    assert store.n_tiles == len(store.images) and store.info()["complete"]
+    grid = store.image_grid(0)
+    padded = np.pad(store.image_labels(0), [(grid.pad_top, grid.pad_bottom), (grid.pad_left, grid.pad_right)],
+                    mode="reflect")
+    np.testing.assert_array_equal(store.tile_labels(np.array([0]))[0], padded)

@@ -21,26 +21,17 @@ import zarr
 from pathseg.extract import runner
 from pathseg.train_head.fit import fit_head
 
-from pathseg.cli import main
 from pathseg.config import config_to_dict
 from pathseg.errors import PathsegError
 from pathseg.locking import store_lock
 from pathseg.store import FeatureStore, store_path_for
-from tests.conftest import small_config
+from tests.conftest import run_cli, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`pathseg ARGS` in-process, as the console script runs it: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["pathseg", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = int(done.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(monkeypatch, capsys, *args)
 
 
 def write_config(tmp_path: Path, **overrides) -> Path:

@@ -122,6 +122,12 @@ class GlaS(SegmentationDataset):
             if split == "train" and stem in held_out:
                 split = "val"
             height, width = image_size(image_path)
+            if image_size(anno_path) != (height, width):
+                anno_height, anno_width = image_size(anno_path)
+                raise PathsegError(
+                    f"{anno_path}: annotation is {anno_width}x{anno_height} but its image {image_path.name} is "
+                    f"{width}x{height}; fix or remove the pair"
+                )
             records.append(
                 ImageRecord(
                     id=stem,

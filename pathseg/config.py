@@ -188,6 +188,7 @@ class ExtractConfig(Section):
     device: str = "auto"
     autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
     tiles_per_shard: int = Field(16, ge=1)
+    compile: bool = False
     compression_level: int = Field(3, ge=1, le=22)
 
     @field_validator("timesteps")

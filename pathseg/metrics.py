@@ -132,6 +132,12 @@ def _mean_defined(values: list[float | None]) -> float | None:
     return float(sum(defined) / len(defined))
 
 
+def background_index_of(class_names: list[str]) -> int | None:
+    """The class called background, if any: BCSS's class 0 is tumor, and must not be dropped as background."""
+    names = [name.strip().lower() for name in class_names]
+    return names.index("background") if "background" in names else None
+
+
 def pixel_metrics(cm: ConfusionMatrix, class_names: list[str], background_index: int | None = 0) -> dict[str, Any]:
     """Summarise a confusion matrix as a JSON-serialisable dict.
 

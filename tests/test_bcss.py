@@ -378,3 +378,37 @@ def test_extraction_stores_groups_and_ignore(tmp_path):
         grid = tile_grid(entry.height, entry.width, 128, 128)
         padded = pad_to_grid(expected, grid, "reflect")
         np.testing.assert_array_equal(tiles, np.stack([cut_tile(padded, o, 128) for o in grid.origins()]))
+
+
+def test_cli_extract_fit_evaluate_reports_five_classes_and_ignores_outside_roi(tmp_path, monkeypatch, capsys):
+    """`pathseg extract/fit-head/evaluate --dataset bcss` on a generated BCSS folder, as the README runs it."""
+    import json
+
+    from tests.conftest import run_cli
+
+    root = tmp_path / "bcss"
+    write_codes(root)
+    rng = np.random.default_rng(0)
+    outside = 0
+    for index, site in enumerate(["A2", "A2", "AR", "BH", "OL", "OL"]):  # train, train, train, val, test, test
+        mask = every_code_mask(192, 256)
+        mask[rng.integers(0, 150):, : rng.integers(20, 80)] = 0  # outside_roi
+        if site == "OL":
+            outside += int((mask[1::2, 1::2] == 0).sum())  # NEAREST 2x keeps odd pixels
+        write_roi(root, roi_name(site, index), smooth_rgb(192, 256, index), mask)
+    monkeypatch.chdir(tmp_path)
+    common = ["--dataset", "bcss", "--data-root", str(root), "--quiet", "--set", "tiling.tile_size=64",
+              "--set", "tiling.stride=48", "--set", "extract.timesteps=[50]", "--set", "extract.blocks=[up1,up2.2]"]
+    assert run_cli(monkeypatch, capsys, "extract", *common)[0] == 0
+    assert run_cli(monkeypatch, capsys, "fit-head", *common, "--epochs", "2")[0] == 0
+    code, out, err = run_cli(monkeypatch, capsys, "evaluate", *common, "--set", "train.epochs=2")
+    assert code == 0, err
+    for name in ("tumor", "stroma", "inflammatory", "necrosis", "other"):
+        assert name in out
+    assert "no background class" in out
+    (metrics_file,) = Path("runs").rglob("metrics.json")
+    test = json.loads(metrics_file.read_text())["splits"]["test"]
+    assert list(test["per_class"]) == ["tumor", "stroma", "inflammatory", "necrosis", "other"]
+    scored = sum(entry["support"] for entry in test["per_class"].values())
+    assert scored == 2 * 96 * 128 - outside  # every test pixel at 0.5 um/px except outside_roi
+    assert test["miou_no_background"] == test["miou"]

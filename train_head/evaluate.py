@@ -21,7 +21,7 @@ from pathseg.train_head.tables import metrics_markdown, metrics_text
 
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
-from pathseg.metrics import ConfusionMatrix, GlandMetrics, instances_from_semantic, pixel_metrics
+from pathseg.metrics import ConfusionMatrix, GlandMetrics, background_index_of, instances_from_semantic, pixel_metrics
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore
 from pathseg.tiling import Stitcher
@@ -94,7 +94,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
                     save_overlay(out_dir / "overlays" / split / f"{images[index].id}.png", store.image_rgb(index),
                                  truth, prediction, len(class_names), store.ignore_index)
                 advance(1)
-        split_metrics = pixel_metrics(matrix, class_names)
+        split_metrics = pixel_metrics(matrix, class_names, background_index_of(class_names))
         split_metrics["images"] = len(indices)
         if glands is not None and indices:
             split_metrics["objects"] = glands.summary()

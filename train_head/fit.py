@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from pathseg.config import PipelineConfig, config_to_dict
 from pathseg.errors import PathsegError
-from pathseg.metrics import ConfusionMatrix, pixel_metrics
+from pathseg.metrics import ConfusionMatrix, background_index_of, pixel_metrics
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore, software_versions
 
@@ -76,7 +76,7 @@ def _evaluate_tiles(head: SegmentationHead, loader: StoreLoader, store: FeatureS
         for batch in loader:
             logits = head([f.to(device) for f in batch.features], store.tile_size)
             matrix.update(batch.labels.numpy(), logits.argmax(dim=1).cpu().numpy())
-    return pixel_metrics(matrix, store.class_names)
+    return pixel_metrics(matrix, store.class_names, background_index_of(store.class_names))
 
 
 def _history_csv(history: list[dict]) -> str:

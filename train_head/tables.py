@@ -57,17 +57,29 @@ def _markdown(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-NOTE = (
-    "mIoU and Dice average over classes present in truth or prediction; '-bg' excludes the background class. "
-    "Object metrics follow the GlaS contest (F1 pooled over the split; object Dice and Hausdorff averaged over images)."
-)
+def _note(report: dict) -> str:
+    """Say which means count background, and what convention the object metrics follow, for this report."""
+    from pathseg.metrics import background_index_of
+
+    parts = ["mIoU and Dice average over classes present in truth or prediction"]
+    if background_index_of(report["class_names"]) is None:
+        parts.append("this dataset has no background class, so the '-bg' columns equal the full means")
+    else:
+        parts.append("'-bg' excludes the background class")
+    if report.get("ignore_index") is not None:
+        parts.append(f"pixels labelled {report['ignore_index']} (ignore) are not scored")
+    note = "; ".join(parts) + "."
+    if any("objects" in split for split in report["splits"].values()):
+        note += (" Object metrics follow the GlaS contest (F1 pooled over the split; object Dice and Hausdorff "
+                 "averaged over images).")
+    return note
 
 
 def metrics_text(report: dict) -> str:
     summary = _plain(*_rows(report))
     classes = _plain(*_class_rows(report))
     features = f"features: t={report['timesteps']} blocks={report['blocks']}"
-    return f"{features}\n\n{summary}\n\n{classes}\n\n{NOTE}"
+    return f"{features}\n\n{summary}\n\n{classes}\n\n{_note(report)}"
 
 
 def metrics_markdown(report: dict) -> str:
@@ -81,7 +93,7 @@ def metrics_markdown(report: dict) -> str:
                 _markdown(*_rows(report)),
                 "## Per class",
                 _markdown(*_class_rows(report)),
-                NOTE,
+                _note(report),
             ]
         )
         + "\n"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -84,7 +85,14 @@ class Backbone:
     scheduler: DDPMScheduler
     projector: SSLProjector
     source: str
-    digest: str
+    weights_digest: str | Callable[[], str] = field(repr=False)
+
+    @property
+    def digest(self) -> str:
+        """Hashing 400 M weights takes a second, and extraction identifies weights by file or preset: lazy."""
+        if callable(self.weights_digest):
+            self.weights_digest = self.weights_digest()
+        return self.weights_digest
 
     def modules(self) -> list[nn.Module]:
         return [self.unet, self.first_stage, self.projector]
@@ -223,7 +231,7 @@ def build_random(preset: dict, seed: int, source: str) -> Backbone:
         first_stage = VQModel(**preset["first_stage"])
         projector = SSLProjector(**preset["projector"])
     modules: list[nn.Module] = [unet, first_stage, projector]
-    backbone = Backbone(unet, first_stage, ldm_scheduler(), projector, source, state_digest(modules))
+    backbone = Backbone(unet, first_stage, ldm_scheduler(), projector, source, lambda: state_digest(modules))
     return backbone.to("cpu")
 
 
@@ -265,7 +273,7 @@ def load_backbone_dir(directory: Path) -> Backbone:
         raise PathsegError(f"backbone directory {directory}: {str(error).splitlines()[0]}") from None
     projector = SSLProjector.load(directory / "ssl_projector")
     weights = [p for p in directory.rglob("*") if p.suffix in {".safetensors", ".bin"}]
-    backbone = Backbone(unet, first_stage, scheduler, projector, str(directory.resolve()), file_digest(weights))
+    backbone = Backbone(unet, first_stage, scheduler, projector, str(directory.resolve()), lambda: file_digest(weights))
     return backbone.to("cpu")
 
 

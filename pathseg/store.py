@@ -292,9 +292,10 @@ class FeatureStore:
             slab = np.asarray(slab, dtype=np.uint8)
             target[start + offset : start + offset + len(slab)] = slab
         _fsync_tree(self.path / base)
-        _fsync_tree(self.path / "tiles" / "labels")
+        for tile in range(start, start + entry.n_tiles):  # this image's label chunks only, not the whole array
+            _fsync_file(self.path / "tiles" / "labels" / "c" / str(tile))
         self.group["images/done"][index] = 1
-        _fsync_tree(self.path / "images" / "done")
+        _fsync_file(self.path / "images" / "done" / "c" / str(index))
 
     def image_rgb(self, index: int) -> np.ndarray:
         return np.asarray(self.group[f"images/{index}/rgb"][:])
@@ -307,7 +308,7 @@ class FeatureStore:
         return np.asarray(self.group[key][:]) if key in self.group else None
 
     def tile_labels(self, tiles: np.ndarray | slice) -> np.ndarray:
-        return np.asarray(self.group["tiles/labels"].get_orthogonal_selection((tiles,)))
+        return read_rows(self.group["tiles/labels"], tiles)
 
     # ---- features ------------------------------------------------------------------------------
 
@@ -387,7 +388,7 @@ class FeatureStore:
         return self.group[f"features/{key}"]
 
     def read_features(self, timestep: int, block: str, tiles: np.ndarray | slice) -> np.ndarray:
-        return np.asarray(self.feature_array(timestep, block).get_orthogonal_selection((tiles,)))
+        return read_rows(self.feature_array(timestep, block), tiles)
 
     def is_complete(self, timestep: int, block: str) -> bool:
         return self.has_feature(timestep, block) and not self.missing_shards(timestep, block)
@@ -544,6 +545,30 @@ class FeatureStore:
             "features": rows,
             "complete": bool(images_done.all()) and all(row["complete"] for row in rows),
         }
+
+
+def read_rows(array: zarr.Array, rows: np.ndarray | slice) -> np.ndarray:
+    """Rows (tiles) of an array, in the order asked, read as runs of consecutive rows.
+
+    zarr 3's orthogonal selection over a sharded array costs several times more per tile than plain
+    slices (measured in bench/head_ablation_cost.py), and a shuffled batch sorted by tile is mostly
+    short runs, so slices it is.
+    """
+    if isinstance(rows, slice):
+        return np.asarray(array[rows])
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    if len(rows) == 0:
+        return out
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    start = 0
+    for stop in [*breaks.tolist(), len(ordered)]:
+        first, last = int(ordered[start]), int(ordered[stop - 1])
+        out[order[start:stop]] = array[first : last + 1]
+        start = stop
+    return out
 
 
 def _children(group: zarr.Group | None) -> list[zarr.Group]:

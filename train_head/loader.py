@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pathseg.store import FeatureStore
+from pathseg.store import FeatureStore, read_rows
 
 
 @dataclass
@@ -77,9 +77,9 @@ class StoreLoader:
     def _read(self, tiles: np.ndarray, batch_index: int) -> Batch:
         # Sorted reads touch each shard once; the batch keeps the sorted order (order within a batch is irrelevant).
         tiles = np.sort(tiles)
-        features = [np.asarray(array.get_orthogonal_selection((tiles,)), dtype=np.float32) for array in self.arrays]
+        features = [read_rows(array, tiles).astype(np.float32) for array in self.arrays]
         if self.with_labels:
-            labels = np.asarray(self.labels.get_orthogonal_selection((tiles,)), dtype=np.int64)
+            labels = read_rows(self.labels, tiles).astype(np.int64)
         else:
             size = self.store.tile_size
             labels = np.zeros((len(tiles), size, size), dtype=np.int64)

@@ -112,7 +112,9 @@ class Backbone:
             latents = self.first_stage.encode(images).latents
         else:
             latents = self.first_stage.encode(images).latent_dist.mode()
-        return latents * self.latent_scale
+        # Standard layout whatever the encoder's convolutions returned (it can come out channels_last): the
+        # UNet then computes bit-identical features from a fresh z_0 and from one read back from the store.
+        return (latents * self.latent_scale).contiguous()
 
     @property
     def latent_scale(self) -> float:

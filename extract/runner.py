@@ -178,17 +178,31 @@ class _Extractor:
         self.device = device
         self.scheduler_alphas = backbone.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 
+    @property
+    def needs_pixels(self) -> bool:
+        """Only the SSL encoder needs pixels once z_0 is cached; the null context does not."""
+        return self.config.conditioning.mode != "null"
+
     @torch.inference_mode()
     def features(
-        self, tiles: np.ndarray, noise: torch.Tensor, wanted: dict[int, list[str]]
-    ) -> dict[tuple[int, str], np.ndarray]:
-        """Features for one batch of tiles, for every timestep -> blocks asked."""
-        images01 = _to_model_input(tiles, self.device)
+        self, tiles: np.ndarray | None, noise: torch.Tensor, wanted: dict[int, list[str]], z0: np.ndarray | None = None
+    ) -> tuple[dict[tuple[int, str], np.ndarray], np.ndarray | None]:
+        """Features for one batch of tiles, for every timestep -> blocks asked, and z_0 if it was computed."""
+        images01 = _to_model_input(tiles, self.device) if tiles is not None else None
         out: dict[tuple[int, str], np.ndarray] = {}
+        computed_z0 = None
         with autocast_for(self.device, self.config.extract.autocast):
-            z0 = self.backbone.encode(images01 * 2.0 - 1.0).float()
-            context = self.conditioning(images01)
+            if z0 is None:
+                latents = self.backbone.encode(images01 * 2.0 - 1.0).float()
+                computed_z0 = latents.cpu().numpy()
+            else:
+                latents = torch.from_numpy(z0).to(self.device)
+            if images01 is None:  # z_0 cached and no SSL encoder: the null context needs no pixels
+                context = self.conditioning.projector.null_context(len(noise))
+            else:
+                context = self.conditioning(images01)
             noise = noise.to(self.device)
+            z0 = latents
             for timestep, blocks in wanted.items():
                 abar = self.scheduler_alphas[timestep]
                 zt = abar.sqrt() * z0 + (1.0 - abar).sqrt() * noise
@@ -196,7 +210,7 @@ class _Extractor:
                 captured = FeatureCapture(self.backbone.unet, blocks)(zt, steps, context)
                 for block, value in captured.items():
                     out[(timestep, block)] = value.to(torch.float16).cpu().numpy()
-        return out
+        return out, computed_z0
 
 
 def run_extraction(
@@ -258,9 +272,13 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
     batch = config.extract.batch_size
     computed = set()
 
-    def load(lo: int, hi: int) -> tuple[np.ndarray, torch.Tensor]:
+    latents_done = store.latent_shards_done()
+
+    def load(shard: int, lo: int, hi: int) -> tuple[np.ndarray | None, torch.Tensor, np.ndarray | None]:
         noise = tile_noise(config.extract.noise_seed, source.noise_keys(lo, hi), (3, latent, latent))
-        return source.tiles(lo, hi), noise
+        z0 = store.read_latents(lo, hi) if latents_done[shard] else None
+        tiles = source.tiles(lo, hi) if z0 is None or extractor.needs_pixels else None
+        return tiles, noise, z0
 
     # Every batch in order; the reader thread decodes and cuts batch k+1 while the model runs batch k.
     batches = [
@@ -274,20 +292,24 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
         progress_bar("extract", int(total_tiles), "tiles", show_progress) as advance,
     ):
         pending: list[Future] = []
-        upcoming = reader.submit(load, *batches[0][1:])
+        upcoming = reader.submit(load, *batches[0])
         position = 0
         for shard in sorted(work):
             start, stop = shard * per_shard, min((shard + 1) * per_shard, store.n_tiles)
             wanted = work[shard]
             results = {(ts, b): [] for ts, blocks in wanted.items() for b in blocks}
+            new_latents = []
             while position < len(batches) and batches[position][0] == shard:
                 _, lo, hi = batches[position]
-                tiles, noise = upcoming.result()
+                tiles, noise, z0 = upcoming.result()
                 position += 1
                 if position < len(batches):
-                    upcoming = reader.submit(load, *batches[position][1:])
-                for key, value in extractor.features(tiles, noise, wanted).items():
+                    upcoming = reader.submit(load, *batches[position])
+                features, computed_z0 = extractor.features(tiles, noise, wanted, z0)
+                for key, value in features.items():
                     results[key].append(value)
+                if computed_z0 is not None:
+                    new_latents.append(computed_z0)
                 advance(hi - lo)
             for future in pending:
                 future.result()
@@ -295,6 +317,8 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
                 writer.submit(store.write_shard, ts, b, shard, np.concatenate(chunks))
                 for (ts, b), chunks in results.items()
             ]
+            if new_latents and not latents_done[shard]:
+                pending.append(writer.submit(store.write_latents, shard, np.concatenate(new_latents)))
             computed.update(feature_key(ts, b) for ts, b in results)
             summary.computed_tiles += stop - start
         for future in pending:

@@ -10,6 +10,8 @@ One Zarr v3 group per (dataset, backbone weights, conditioning, tiling, noise se
     images/done   (n_images,) uint8     1 once an image's arrays are written
     features/t{t:04d}/{block}  (n,C,h,w) float16, one tile per chunk, shards of S tiles, zstd
     done/t{t:04d}/{block}      (n_shards,) uint8, 1 once that shard's features are written
+    latents/z0    (n,c,h,w) float32     the first-stage latent of every tile (extensions skip the encoder)
+    done/latents  (n_shards,) uint8
 
 A flag is written only after the data it vouches for has been flushed to disk (fsync), so a killed
 run, even by SIGKILL or a power cut, leaves at worst unflagged work, which the next run redoes. A new
@@ -376,6 +378,33 @@ class FeatureStore:
         _fsync_file(self.path / "features" / key / "c" / str(shard))
         self.group[f"done/{key}"][shard] = 1
         _fsync_file(self.path / "done" / key / "c" / str(shard))
+
+    # ---- first-stage latents: z_0 per tile, so extending a store never re-runs the encoder ----------
+
+    def latent_shards_done(self) -> np.ndarray:
+        if "done/latents" not in self.group:
+            return np.zeros(self.n_shards, dtype=bool)
+        return np.asarray(self.group["done/latents"][:]).astype(bool)
+
+    def read_latents(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.group["latents/z0"][start:stop])
+
+    def write_latents(self, shard: int, data: np.ndarray) -> None:
+        """z_0 of a whole shard (float32, exact), created on first use, then its done flag."""
+        if "latents/z0" not in self.group:
+            per_tile = tuple(data.shape[1:])
+            self.group.create_array(
+                "latents/z0", shape=(self.n_tiles, *per_tile), dtype="float32", chunks=(1, *per_tile),
+                shards=(self.tiles_per_shard, *per_tile),
+                compressors=ZstdCodec(level=int(self.attrs["compression_level"])), fill_value=0, overwrite=True,
+            )
+            self.group.create_array("done/latents", shape=(self.n_shards,), dtype="uint8", chunks=(1,),
+                                    fill_value=0, overwrite=True)
+        start, stop = self.shard_range(shard)
+        self.group["latents/z0"][start:stop] = data.astype(np.float32, copy=False)
+        _fsync_file(self.path / "latents" / "z0" / "c" / str(shard))
+        self.group["done/latents"][shard] = 1
+        _fsync_file(self.path / "done" / "latents" / "c" / str(shard))
 
     def feature_array(self, timestep: int, block: str) -> zarr.Array:
         key = feature_key(timestep, block)

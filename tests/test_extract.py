@@ -172,3 +172,30 @@ def test_images_smaller_than_one_tile(tmp_path):
     padded = np.pad(store.image_labels(0), [(grid.pad_top, grid.pad_bottom), (grid.pad_left, grid.pad_right)],
                     mode="reflect")
     np.testing.assert_array_equal(store.tile_labels(np.array([0]))[0], padded)
+
+
+def test_extension_reuses_cached_latents_and_matches_a_single_run(tmp_path, monkeypatch):
+    """A new timestep on an existing store reads z_0 back instead of re-running the first-stage encoder,
+    and decodes no image at all with the null context, yet gives the same bits as one run with both."""
+    from pathseg.extract.backbone import Backbone
+    from pathseg.extract.tiles import TileSource
+
+    first = small_config(tmp_path / "a", **{"extract.timesteps": [50]})
+    path = runner.run_extraction(first, show_progress=False).store
+    assert FeatureStore.open(path).latent_shards_done().all()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the extension recomputed what the store already holds")
+
+    monkeypatch.setattr(Backbone, "encode", must_not_run)
+    monkeypatch.setattr(TileSource, "tiles", must_not_run)
+    extended = runner.run_extraction(small_config(tmp_path / "a", **{"extract.timesteps": [50, 150]}),
+                                     show_progress=False)
+    assert extended.computed_arrays == ["t0150/up1", "t0150/up3.2"]
+    monkeypatch.undo()
+    single = runner.run_extraction(small_config(tmp_path / "b", **{"extract.timesteps": [50, 150]}),
+                                   show_progress=False).store
+    a, b = FeatureStore.open(path), FeatureStore.open(single)
+    for timestep, block in [(50, "up1"), (150, "up1"), (150, "up3.2")]:
+        np.testing.assert_array_equal(a.read_features(timestep, block, slice(None)),
+                                      b.read_features(timestep, block, slice(None)))

@@ -60,7 +60,7 @@ def store_list_table(paths: list[Path]) -> str:
         except Exception as error:  # noqa: BLE001 - one broken store must not hide the others
             rows.append([path.name, "?", "?", "?", "?", f"unreadable: {error}"])
             continue
-        arrays = sorted({f"t{f['timestep']}" for f in info["features"]})
+        arrays = [f"t{t}" for t in sorted({f['timestep'] for f in info['features']})]
         blocks = sorted({f["block"] for f in info["features"]})
         rows.append(
             [

@@ -55,6 +55,21 @@ class SegmentationDataset(ABC):
         return [record for record in records if record.split in wanted]
 
 
+def require_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path,
+                  image_names: str = ".*", mask_names: str = ".png") -> None:
+    """Every image has its mask and every mask its image (matched by stem); the first stray fails, named."""
+    if orphan_masks := sorted(set(masks) - set(images)):
+        stem = orphan_masks[0]
+        raise PathsegError(
+            f"{masks[stem]}: no image named {stem}{image_names} in {image_dir}; add the image or remove the mask"
+        )
+    if orphan_images := sorted(set(images) - set(masks)):
+        stem = orphan_images[0]
+        raise PathsegError(
+            f"{images[stem]}: no mask named {stem}{mask_names} in {mask_dir}; add its mask or remove the image"
+        )
+
+
 def digest_files(paths: list[Path], root: Path) -> str:
     """Names and sizes, not contents: cheap on a multi-GB dataset, and a swapped file still shows."""
     listing = [(str(p.relative_to(root)), p.stat().st_size) for p in sorted(paths)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pathseg.config import BCSSOptions, DatasetConfig
-from pathseg.datasets.base import ImageRecord, SegmentationDataset, digest_files, image_size
+from pathseg.datasets.base import ImageRecord, SegmentationDataset, digest_files, image_size, require_pairs
 from pathseg.errors import PathsegError
 
 IMAGE_DIR = "rgbs_colorNormalized"
@@ -187,18 +187,7 @@ class BCSS(SegmentationDataset):
     def rois(self) -> list[ROI]:
         images = {p.stem: p for p in (self.root / IMAGE_DIR).iterdir() if p.suffix.lower() == ".png"}
         masks = {p.stem: p for p in (self.root / MASK_DIR).iterdir() if p.suffix.lower() == ".png"}
-        orphan_masks = sorted(set(masks) - set(images))
-        if orphan_masks:
-            stem = orphan_masks[0]
-            raise PathsegError(
-                f"{masks[stem]}: no image {stem}.png in {self.root / IMAGE_DIR}; add it or remove the mask"
-            )
-        orphan_images = sorted(set(images) - set(masks))
-        if orphan_images:
-            stem = orphan_images[0]
-            raise PathsegError(
-                f"{images[stem]}: no mask {stem}.png in {self.root / MASK_DIR}; add it or remove the image"
-            )
+        require_pairs(images, masks, self.root / IMAGE_DIR, self.root / MASK_DIR, ".png", ".png")
         if not images:
             raise PathsegError(f"{self.root / IMAGE_DIR}: no .png ROIs found; check --data-root")
         rois = []

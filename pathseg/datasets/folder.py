@@ -24,7 +24,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pathseg.config import DatasetConfig, FolderOptions
-from pathseg.datasets.base import ImageRecord, SegmentationDataset, digest_files, image_size, read_rgb
+from pathseg.datasets.base import (
+    ImageRecord,
+    SegmentationDataset,
+    digest_files,
+    image_size,
+    read_rgb,
+    require_pairs,
+)
 from pathseg.errors import PathsegError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -330,19 +337,7 @@ class FolderDataset(SegmentationDataset):
     def _pair_files(self) -> dict[str, tuple[Path, Path]]:
         images = _list_files(self.root / "images", IMAGE_EXTENSIONS, "image")
         masks = _list_files(self.root / "masks", MASK_EXTENSIONS, "mask")
-        orphan_masks = sorted(set(masks) - set(images))
-        if orphan_masks:
-            stem = orphan_masks[0]
-            raise PathsegError(
-                f"{masks[stem]}: no image named {stem}.* in {self.root / 'images'}; add the image or remove the mask"
-            )
-        orphan_images = sorted(set(images) - set(masks))
-        if orphan_images:
-            stem = orphan_images[0]
-            raise PathsegError(
-                f"{images[stem]}: no mask named {stem}.png/.tif/.bmp in {self.root / 'masks'}; "
-                "add its mask or remove the image"
-            )
+        require_pairs(images, masks, self.root / "images", self.root / "masks", ".*", ".png/.tif/.bmp")
         if not images:
             raise PathsegError(f"{self.root / 'images'}: no images ({', '.join(IMAGE_EXTENSIONS)}); check --data-root")
         return {stem: (images[stem], masks[stem]) for stem in sorted(images)}

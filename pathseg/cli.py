@@ -306,11 +306,25 @@ def backbone_info(
     tile_size: Annotated[int, typer.Option("--tile-size", help="tile side in px the sizes are given for")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
-    """Every extractable decoder block: its name, output_blocks alias, channels and map size per tile."""
-    from pathseg.extract.backbone_info import describe_backbone, format_block_table
+    """Every extractable decoder block (name, output_blocks alias, channels, map size), and FLOPs per tile."""
+    from pathseg.extract.backbone_info import (
+        compute_per_tile,
+        describe_backbone,
+        format_block_table,
+        format_compute_cost,
+    )
 
     rows = describe_backbone(backbone, backbone_config, tile_size)
-    print(json.dumps(rows, indent=2) if as_json else format_block_table(rows))
+    try:
+        cost = compute_per_tile(backbone, backbone_config, tile_size)
+    except PathsegError as error:  # blocks are still worth listing without a first-stage config
+        cost, missing = None, str(error)
+    if as_json:
+        print(json.dumps({"blocks": rows, "compute": cost.as_dict() if cost else None}, indent=2))
+        return
+    print(format_block_table(rows))
+    print()
+    print(format_compute_cost(cost) if cost else f"compute per tile not counted: {missing}")
 
 
 @app.command("convert-ldm")

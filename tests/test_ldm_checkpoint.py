@@ -728,7 +728,11 @@ def test_cli_convert_then_extract_equals_the_reference_computation(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "converted"
     invoke(["convert-ldm", "--ckpt", str(ckpt), "--config", str(SMALL_YAML), "--out", str(out)])
-    assert "output_blocks.11" in invoke(["backbone", "info", "--backbone", str(out), "--tile-size", "64"])
+    info = invoke(["backbone", "info", "--backbone", str(out), "--tile-size", "64"])
+    assert "output_blocks.11" in info
+    # The converted directory and the original checkpoint + YAML describe the same network, FLOPs included.
+    assert info == invoke(["backbone", "info", "--backbone", str(ckpt), "--backbone-config", str(SMALL_YAML),
+                           "--tile-size", "64"])
     settings = {"cache_dir": "cache", "dataset.synthetic.train": 1, "dataset.synthetic.val": 0,
                 "dataset.synthetic.test": 0, "dataset.synthetic.height": 80, "dataset.synthetic.width": 100,
                 "tiling.tile_size": 64, "tiling.stride": 48, "extract.batch_size": 3}

@@ -13,9 +13,18 @@ plus where the extraction's time went (patched-in timers, restored after each ru
 first-stage encoding per tile on its own (part of extraction, not of the bare forward), and the
 ratio without the fixed per-run costs (backbone build, image table) and without the encoder.
 
+The encoder runs once per tile and the UNet once per tile per timestep, so their FLOP counts
+(`pathseg backbone info`) bound the ratio whatever the pipeline does: the "FLOP ceiling" is
+T x UNet / (encoder + T x UNet) for T timesteps. The script also reports the ratio against the
+compute a first extraction cannot avoid (bare UNet forwards + bare encoder), and the FLOP rate the
+bare forward and the whole extraction reach; with --device cuda, their fraction of the GPU's peak
+(dense fp16/bf16 tensor-core TFLOP/s, looked up from the device name or given with --peak-tflops).
+
     python bench/extraction_overhead.py                       # tiny and paper-random, a few minutes on 2 cores
     python bench/extraction_overhead.py --backbones tiny --tiny-images 8 --json out.json
     python bench/extraction_overhead.py --backbones paper-random --paper-autocast bfloat16
+    python bench/extraction_overhead.py --device cuda --backbones paper-random --paper-autocast bfloat16 \
+        --paper-images 16 --paper-size 512x512 --paper-tile 256/256 --paper-timesteps 50,150,250 --paper-batch 32
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import torch
 from pathseg.extract import backbone as backbone_module
 from pathseg.extract import runner
 from pathseg.extract.backbone import Backbone, load_backbone
+from pathseg.extract.backbone_info import compute_per_tile
 from pathseg.extract.tiles import TileSource, plan_tiles
 
 from pathseg.config import PipelineConfig
@@ -56,6 +66,8 @@ class Case:
     batch_size: int
     tiles_per_shard: int
     autocast: str
+    device: str = "cpu"
+    compile: bool = False
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -70,6 +82,8 @@ class Case:
             "extract.batch_size": self.batch_size,
             "extract.tiles_per_shard": self.tiles_per_shard,
             "extract.autocast": self.autocast,
+            "extract.device": self.device,
+            "extract.compile": self.compile,
         }
 
 
@@ -153,30 +167,64 @@ def batch_plan(n_tiles: int, tiles_per_shard: int, batch_size: int) -> list[int]
     return sizes
 
 
+# Dense fp16/bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity); the first
+# name contained in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_16BIT_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                     ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0)]
+
+
+def synchronize(device: torch.device) -> None:
+    """GPU work is asynchronous: a clock read is only meaningful once the device has caught up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_tflops(device: torch.device, autocast: str, given: float | None) -> tuple[float | None, str]:
+    if given is not None:
+        return given, "--peak-tflops"
+    if device.type != "cuda" or autocast == "off":
+        return None, "unknown (CPU, or fp32 on a GPU: give --peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_16BIT_TFLOPS:
+        if key in name:
+            return tflops, f"{name}: dense fp16/bf16 datasheet peak"
+    return None, f"{name}: not in the table, give --peak-tflops"
+
+
 def bare_forward_pass(backbone: Backbone, inputs: list[tuple[torch.Tensor, torch.Tensor]], timesteps: list[int],
                       autocast: str) -> float:
     """The same UNet forwards as the extraction (one per timestep per tile), nothing else."""
+    device = backbone.device
+    synchronize(device)
     started = time.perf_counter()
-    with torch.inference_mode(), runner.autocast_for(torch.device("cpu"), autocast):
+    with torch.inference_mode(), runner.autocast_for(device, autocast):
         for zt, context in inputs:
             for timestep in timesteps:
-                steps = torch.full((zt.shape[0],), timestep, dtype=torch.long)
+                steps = torch.full((zt.shape[0],), timestep, dtype=torch.long, device=device)
                 backbone.unet(zt, steps, encoder_hidden_states=context)
+    synchronize(device)
     return time.perf_counter() - started
 
 
 def encode_pass(backbone: Backbone, sizes: list[int], tile_size: int, autocast: str) -> float:
-    """The first-stage encoder alone on random tiles of the same batch sizes."""
-    images = [torch.rand(size, 3, tile_size, tile_size) * 2.0 - 1.0 for size in sizes]
+    """The first-stage encoder alone on random tiles of the same batch sizes (and layout) as the runner's."""
+    device = backbone.device
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    images = [(torch.rand(size, 3, tile_size, tile_size, device=device) * 2.0 - 1.0).contiguous(memory_format=layout)
+              for size in sizes]
+    synchronize(device)
     started = time.perf_counter()
-    with torch.inference_mode(), runner.autocast_for(torch.device("cpu"), autocast):
+    with torch.inference_mode(), runner.autocast_for(device, autocast):
         for batch in images:
             backbone.encode(batch)
+    synchronize(device)
     return time.perf_counter() - started
 
 
-def run_case(case: Case, workdir: Path, repeats: int, seed: int) -> dict[str, Any]:
+def run_case(case: Case, workdir: Path, repeats: int, seed: int, given_peak: float | None) -> dict[str, Any]:
     config = common.synthetic_config(workdir, case.overrides())
+    device = runner.pick_device(case.device)
+    cost = compute_per_tile(case.backbone, None, case.tile_size)
     records = build_dataset(config.dataset).records()
     _, origins = plan_tiles(records, case.tile_size, case.stride)
     n_tiles = len(origins)
@@ -190,11 +238,13 @@ def run_case(case: Case, workdir: Path, repeats: int, seed: int) -> dict[str, An
     print(f"  warm-up extraction {cold:.1f} s", flush=True)
 
     build_seconds, backbone = common.timed(lambda: load_backbone(case.backbone, None, seed))
-    backbone.to("cpu")
+    # The same placement, layout and compilation as the runner gives its backbone.
+    backbone = runner.prepare_for_device(backbone, device, case.compile)
     generator = torch.Generator().manual_seed(seed)
     latent = case.tile_size // 4
     inputs = [
-        (torch.randn(size, 3, latent, latent, generator=generator), backbone.projector.null_context(size).detach())
+        (torch.randn(size, 3, latent, latent, generator=generator).to(device),
+         backbone.projector.null_context(size).detach())
         for size in sizes
     ]
     bare_forward_pass(backbone, inputs[:1], case.timesteps[:1], case.autocast)  # warm-up forward
@@ -231,8 +281,24 @@ def run_case(case: Case, workdir: Path, repeats: int, seed: int) -> dict[str, An
     ext_tps = n_tiles / ext_s
     steady_tps = n_tiles / (ext_s - fixed)
     no_encode_tps = n_tiles / (ext_s - fixed - in_run_encode)
+    unavoidable_s = bare_s + min(encode)
+    forward_flops = forwards * cost.unet_flops
+    extraction_flops = n_tiles * cost.first_extraction_flops(len(case.timesteps))
+    peak, peak_source = peak_tflops(device, case.autocast, given_peak)
+    bare_tflops = forward_flops / bare_s / 1e12
+    steady_tflops = extraction_flops / (ext_s - fixed) / 1e12
     return {
         "case": case.__dict__,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "compute_per_tile": cost.as_dict(timesteps=(len(case.timesteps),)),
+        "flop_ceiling": cost.unet_share(len(case.timesteps)),
+        "ratio_vs_unet_plus_encoder": unavoidable_s / (ext_s - fixed),
+        "bare_forward_tflops": bare_tflops,
+        "extraction_tflops_without_fixed_costs": steady_tflops,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "bare_forward_fraction_of_peak": bare_tflops / peak if peak else None,
+        "extraction_fraction_of_peak": steady_tflops / peak if peak else None,
         "tiles": n_tiles,
         "unet_forwards": forwards,
         "batch_sizes": sizes,
@@ -284,6 +350,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--paper-tiles-per-shard", type=int, default=2)
     parser.add_argument("--paper-autocast", default="off", choices=["off", "auto", "bfloat16", "float16"],
                         help="extract.autocast for paper-random (and the bare forward); bfloat16 is not faster here")
+    parser.add_argument("--device", default="cpu", help="extract.device for both cases: cpu, cuda, cuda:1, auto")
+    parser.add_argument("--compile", action="store_true", help="extract.compile (torch.compile the UNet) for both")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s at the precision measured (default: looked up for GPUs)")
     parser.add_argument("--workdir", default=None, help="where stores go (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     return parser.parse_args()
@@ -304,6 +374,8 @@ def make_case(args: argparse.Namespace, prefix: str, backbone: str) -> Case:
         batch_size=getattr(args, f"{prefix}_batch"),
         tiles_per_shard=getattr(args, f"{prefix}_tiles_per_shard"),
         autocast=getattr(args, f"{prefix}_autocast"),
+        device=args.device,
+        compile=args.compile,
     )
 
 
@@ -318,7 +390,8 @@ def main() -> None:
         for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
             if name not in prefixes:
                 raise SystemExit(f"unknown backbone {name!r}; use tiny or paper-random")
-            results.append(run_case(make_case(args, prefixes[name], name), workdir, args.repeats, args.seed))
+            results.append(run_case(make_case(args, prefixes[name], name), workdir, args.repeats, args.seed,
+                                    args.peak_tflops))
 
     common.print_table(
         "extraction vs bare UNet forward (best of repeats; ratio target >= 0.9)",
@@ -327,6 +400,22 @@ def main() -> None:
         [[r["case"]["backbone"], r["tiles"], r["unet_forwards"], r["bare_tiles_per_s"], r["extraction_tiles_per_s"],
           r["ratio"], r["ratio_without_fixed_costs"], r["ratio_without_fixed_costs_and_encode"],
           f"{r['encode_s_per_tile_in_run']:.3g} ({r['encode_s_per_tile_alone']:.3g})"] for r in results],
+    )
+    common.print_table(
+        "what the FLOPs allow: the encoder runs once per tile, the UNet once per tile per timestep",
+        ["backbone", "encoder GFLOP/tile", "UNet GFLOP/forward", "timesteps", "FLOP ceiling",
+         "ratio w/o build+images", "ratio vs bare UNet + bare encoder"],
+        [[r["case"]["backbone"], r["compute_per_tile"]["first_stage_gflop"],
+          r["compute_per_tile"]["unet_gflop_per_timestep"], len(r["case"]["timesteps"]), r["flop_ceiling"],
+          r["ratio_without_fixed_costs"], r["ratio_vs_unet_plus_encoder"]] for r in results],
+    )
+    common.print_table(
+        "FLOP rate (TFLOP/s; fraction of the peak where known)",
+        ["backbone", "device", "autocast", "bare forward", "whole extraction w/o build+images", "peak", "bare/peak",
+         "extraction/peak"],
+        [[r["case"]["backbone"], r["device_name"], r["case"]["autocast"], r["bare_forward_tflops"],
+          r["extraction_tflops_without_fixed_costs"], r["peak_tflops"] or "-",
+          r["bare_forward_fraction_of_peak"] or "-", r["extraction_fraction_of_peak"] or "-"] for r in results],
     )
     for r in results:
         total = min(r["extraction_s"])

@@ -53,14 +53,38 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device, setting: str):
+def compute_dtype(device: torch.device, setting: str) -> torch.dtype:
     """bfloat16 on GPUs by default (fp32 accumulation, no overflow); exact fp32 on CPU unless asked."""
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
-        return nullcontext()
+        return torch.float32
     dtype = torch.float16 if setting == "float16" else torch.bfloat16
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return dtype
+
+
+def autocast_for(device: torch.device, setting: str):
+    dtype = compute_dtype(device, setting)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def check_precision(store: FeatureStore, device: torch.device, setting: str) -> None:
+    """One precision per store: features and z_0 computed under bfloat16 and float32 differ beyond fp16 storage.
+
+    Not part of the fingerprint, because `auto` resolves by device and a store extracted on a GPU must
+    still be found by fit-head on a CPU; instead the store records the precision its first computing
+    run used, and a run that would compute in another one is refused.
+    """
+    precision = str(compute_dtype(device, setting)).removeprefix("torch.")
+    recorded = store.compute_precision
+    if recorded is None:
+        store.record_compute_precision(precision)
+    elif recorded != precision:
+        raise PathsegError(
+            f"{store.path} was computed in {recorded}; this run would compute in {precision} "
+            f"(extract.autocast={setting!r} on {device.type}); set extract.autocast to match, or use another "
+            "--store / --overwrite"
+        )
 
 
 def conditioning_fingerprint(config: PipelineConfig) -> dict:
@@ -247,6 +271,8 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
     summary = ExtractionSummary(store=path)
     summary.prepared_images = _prepare_images(store, records, config, show_progress)
 
+    if any(not store.has_feature(ts, b) or store.missing_shards(ts, b) for ts, b in pairs):
+        check_precision(store, pick_device(config.extract.device), config.extract.autocast)  # before any array
     table = block_table(layout)
     store.record_block_aliases(block_aliases(layout))
     latent = config.tiling.tile_size // 4

@@ -31,6 +31,7 @@ def store_info_text(info: dict) -> str:
         f"dataset     {info['dataset']}  ({info['images']} images: {splits}; {info['images_written']} written)",
         f"backbone    {info['backbone'].get('name')}",
         f"tiles       {info['tiles']} of {info['tile_size']} px",
+        f"precision   {info.get('compute_precision') or 'not computed yet'} (backbone compute; stored as float16)",
         f"on disk     {_size(info['bytes_on_disk'])}",
         f"complete    {'yes' if info['complete'] else 'NO'}",
         "",

@@ -437,6 +437,14 @@ class FeatureStore:
                     "rerun `pathseg extract` to finish them"
                 )
 
+    @property
+    def compute_precision(self) -> str | None:
+        """float32, bfloat16 or float16: what the backbone computed in (None until a run computed something)."""
+        return self.attrs.get("compute_precision")
+
+    def record_compute_precision(self, precision: str) -> None:
+        self.group.attrs["compute_precision"] = precision
+
     def record_block_aliases(self, aliases: dict[str, str]) -> None:
         """Name -> canonical block, so stage 2 resolves `output_blocks.K` without the backbone."""
         if self.attrs.get("block_aliases") != aliases:
@@ -570,6 +578,7 @@ class FeatureStore:
             "splits": splits,
             "tiles": self.n_tiles,
             "tile_size": self.tile_size,
+            "compute_precision": self.compute_precision,
             "bytes_on_disk": _bytes_under(self.path),
             "features": rows,
             "complete": bool(images_done.all()) and all(row["complete"] for row in rows),

@@ -106,6 +106,24 @@ def test_new_timestep_or_block_computes_only_what_is_missing(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in old.rglob("*") if p.is_file()} == stamps
 
 
+def test_one_compute_precision_per_store(tmp_path):
+    """`auto` is float32 on a CPU: extending that store under bfloat16 would mix precisions, so it is refused."""
+    config = small_config(tmp_path, **{"extract.timesteps": [50], "extract.blocks": ["up1"]})
+    summary = runner.run_extraction(config, show_progress=False)
+    assert FeatureStore.open(summary.store).compute_precision == "float32"
+    bf16 = small_config(tmp_path, **{"extract.timesteps": [50], "extract.blocks": ["up1"],
+                                     "extract.autocast": "bfloat16"})
+    assert runner.run_extraction(bf16, show_progress=False).computed_tiles == 0  # nothing to compute: no mixing
+    extend = small_config(tmp_path, **{"extract.timesteps": [50, 150], "extract.blocks": ["up1"],
+                                       "extract.autocast": "bfloat16"})
+    with pytest.raises(PathsegError, match=r"computed in float32; this run would compute in bfloat16"):
+        runner.run_extraction(extend, show_progress=False)
+    store = FeatureStore.open(summary.store)
+    assert not store.has_feature(150, "up1") and store.info()["compute_precision"] == "float32"
+    fresh = runner.run_extraction(extend, show_progress=False, store_path=tmp_path / "bf16.zarr")
+    assert FeatureStore.open(fresh.store).compute_precision == "bfloat16"
+
+
 def test_different_tiling_dataset_or_backbone_gets_another_store(tmp_path):
     base = small_config(tmp_path)
     others = [

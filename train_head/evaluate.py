@@ -103,6 +103,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
         "run": str(run.directory),
         "store": str(store.path),
         "store_fingerprint": store.fingerprint,
+        "store_compute_precision": store.compute_precision,
         "timesteps": run.record["timesteps"],
         "blocks": run.record["blocks"],
         "class_names": class_names,

@@ -168,6 +168,7 @@ def fit_head(
         "schema": RUN_SCHEMA,
         "store": str(store.path.resolve()),
         "store_fingerprint": store.fingerprint,
+        "store_compute_precision": store.compute_precision,
         "pairs": [list(p) for p in pairs],
         "timesteps": list(dict.fromkeys(t for t, _ in pairs)),
         "blocks": list(dict.fromkeys(b for _, b in pairs)),

@@ -1,13 +1,15 @@
-"""Does stage 2's memory stay flat as the store grows?
+"""Does memory stay flat as the dataset and the store grow?
 
 The loader promises memory bounded by batch size and prefetch depth, never by the store's size:
-that is what lets one machine train heads on caches far larger than its RAM. This benchmark
-extracts two stores with the tiny backbone from synthetic data, one 8x the other (train and test
-images N and 8N), then runs `pathseg fit-head` and `pathseg evaluate` on each in a fresh
-subprocess, one at a time, each reporting its own peak RSS (VmHWM) as it exits. It also
-measures a child that only imports torch and pathseg, the floor every command pays.
+that is what lets one machine train heads on caches far larger than its RAM. Extraction makes the
+same promise for the dataset (images are decoded into the store one at a time, tiles are cut per
+batch). This benchmark runs `pathseg extract` with the tiny backbone on synthetic data twice, one
+dataset 8x the other (train and test images N and 8N), then `pathseg fit-head` and
+`pathseg evaluate` on each store, every command in a fresh subprocess, one at a time, each
+reporting its own peak RSS (VmHWM) as it exits. It also measures a child that only imports torch
+and pathseg, the floor every command pays.
 
-    target: peak RSS on the 8x store <= 1.1x peak RSS on the 1x store, for fit-head and for evaluate
+    target: peak RSS at 8x <= 1.1x peak RSS at 1x, for fit-head and for evaluate (extraction reported)
 
     python bench/memory.py
     python bench/memory.py --images 4 --scale 8 --tile 256/192 --json out.json
@@ -25,9 +27,8 @@ from typing import Any
 
 import _common as common
 import yaml
-from pathseg.extract.runner import run_extraction
 
-from pathseg.config import config_to_dict, load_config
+from pathseg.config import config_to_dict
 from pathseg.store import FeatureStore
 
 DRIVER = """
@@ -41,7 +42,7 @@ def report():
 
 atexit.register(report)
 sys.argv = ["pathseg", *sys.argv[1:]]
-import torch, pathseg.cli, pathseg.train_head.fit, pathseg.train_head.evaluate
+import torch, pathseg.cli, pathseg.train_head.fit, pathseg.train_head.evaluate, pathseg.extract.runner
 if len(sys.argv) > 1:
     pathseg.cli.main()
 """
@@ -121,11 +122,9 @@ def main() -> None:
             config_path = write_config(directory, args, images)
             store = directory / "store.zarr"
             print(f"[{label}] extracting {images} train + {images} test images ...", flush=True)
-            extract_s, _ = common.timed(
-                lambda path=config_path, store=store: run_extraction(
-                    load_config(path), show_progress=False, store_path=common.fresh(store)
-                )
-            )
+            common.fresh(store)
+            extract_rss, extract_s = peak_rss(["extract", "--config", str(config_path), "--store", str(store),
+                                               "--quiet"], directory)
             opened = FeatureStore.open(store)
             tiles, store_bytes = opened.n_tiles, common.bytes_under(store)
             run_dir = directory / "run"
@@ -136,14 +135,17 @@ def main() -> None:
                                            directory)
             results[label] = {"train_images": images, "test_images": images, "tiles": tiles,
                               "store_bytes": store_bytes, "extraction_s": extract_s,
+                              "extract_peak_rss_mib": extract_rss,
                               "fit_head_peak_rss_mib": fit_rss, "fit_head_s": fit_s,
                               "evaluate_peak_rss_mib": eval_rss, "evaluate_s": eval_s}
-            print(f"[{label}] {tiles} tiles, store {store_bytes / 2**20:.0f} MiB: fit-head {fit_rss:.0f} MiB "
+            print(f"[{label}] {tiles} tiles, store {store_bytes / 2**20:.0f} MiB: extract {extract_rss:.0f} MiB "
+                  f"({extract_s:.1f} s), fit-head {fit_rss:.0f} MiB "
                   f"({fit_s:.1f} s), evaluate {eval_rss:.0f} MiB ({eval_s:.1f} s)", flush=True)
 
     small, large = results["1x"], results[f"{args.scale}x"]
     rows = []
-    for command, key in (("fit-head", "fit_head_peak_rss_mib"), ("evaluate", "evaluate_peak_rss_mib")):
+    for command, key in (("extract", "extract_peak_rss_mib"), ("fit-head", "fit_head_peak_rss_mib"),
+                         ("evaluate", "evaluate_peak_rss_mib")):
         ratio = large[key] / small[key]
         above = (large[key] - floor) / max(small[key] - floor, 1e-9)
         rows.append([command, small[key], large[key], ratio, small[key] - floor, large[key] - floor, above,

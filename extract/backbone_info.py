@@ -161,7 +161,8 @@ CONTEXT_TOKENS = 2  # the SSL projector's patch and region tokens (also the null
 class ComputeCost:
     """FLOPs of one tile (a multiply-add counts 2), as torch's FlopCounterMode counts convolutions and matmuls.
 
-    Elementwise work (norms, activations) is not counted; it is a few percent of these networks' time.
+    Elementwise work (norms, activations) is not counted, so time per FLOP differs a little between the two
+    networks; the counts still say how much of a first extraction no pipeline can avoid.
     """
 
     tile_size: int

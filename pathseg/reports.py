@@ -23,6 +23,12 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join([line, rule, *body])
 
 
+def _precision(info: dict) -> str:
+    if info.get("compute_precision"):
+        return f"{info['compute_precision']} (backbone compute; features stored as float16)"
+    return "not recorded (made before pathseg recorded it)" if info["features"] else "none yet (nothing computed)"
+
+
 def store_info_text(info: dict) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in info["splits"].items())
     head = [
@@ -31,7 +37,7 @@ def store_info_text(info: dict) -> str:
         f"dataset     {info['dataset']}  ({info['images']} images: {splits}; {info['images_written']} written)",
         f"backbone    {info['backbone'].get('name')}",
         f"tiles       {info['tiles']} of {info['tile_size']} px",
-        f"precision   {info.get('compute_precision') or 'not computed yet'} (backbone compute; stored as float16)",
+        f"precision   {_precision(info)}",
         f"on disk     {_size(info['bytes_on_disk'])}",
         f"complete    {'yes' if info['complete'] else 'NO'}",
         "",

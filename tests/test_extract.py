@@ -9,6 +9,7 @@ from pathseg.extract.backbone import load_backbone
 from pathseg.extract.tiles import tile_noise
 
 from pathseg.errors import PathsegError
+from pathseg.reports import store_info_text
 from pathseg.store import FeatureStore, store_path_for
 from tests.conftest import REAL_GLAS, small_config, write_glas_fixture
 
@@ -120,6 +121,7 @@ def test_one_compute_precision_per_store(tmp_path):
         runner.run_extraction(extend, show_progress=False)
     store = FeatureStore.open(summary.store)
     assert not store.has_feature(150, "up1") and store.info()["compute_precision"] == "float32"
+    assert "precision   float32 (backbone compute" in store_info_text(store.info())
     fresh = runner.run_extraction(extend, show_progress=False, store_path=tmp_path / "bf16.zarr")
     assert FeatureStore.open(fresh.store).compute_precision == "bfloat16"
 

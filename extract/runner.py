@@ -8,8 +8,9 @@ missing and a new timestep or block extends the store instead of rebuilding it.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +21,14 @@ from pathseg.extract.blocks import FeatureCapture, UNetLayout, block_table, cano
 from pathseg.extract.conditioning import build_conditioning, weights_digest
 from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, tile_noise
 
-from pathseg.config import PipelineConfig, config_to_dict
+from pathseg.config import ExtractConfig, PipelineConfig, config_to_dict
 from pathseg.datasets import build_dataset
 from pathseg.errors import PathsegError
 from pathseg.locking import store_lock
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore, digest, feature_key, remove_partial_files, store_path_for
+
+LATENT_CHANNELS = 3  # VQ-f4's z_0 (and so the noise) has 3 channels
 
 
 @dataclass
@@ -68,21 +71,25 @@ def autocast_for(device: torch.device, setting: str):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
-def check_precision(store: FeatureStore, device: torch.device, setting: str) -> None:
+def resolved_precision(device: torch.device, setting: str) -> str:
+    """float32, bfloat16 or float16: what `extract.autocast` means on this device."""
+    return str(compute_dtype(device, setting)).removeprefix("torch.")
+
+
+def check_precision(store: FeatureStore, precision: str, setting: str, where: str) -> None:
     """One precision per store: features and z_0 computed under bfloat16 and float32 differ beyond fp16 storage.
 
     Not part of the fingerprint, because `auto` resolves by device and a store extracted on a GPU must
     still be found by fit-head on a CPU; instead the store records the precision its first computing
     run used, and a run that would compute in another one is refused.
     """
-    precision = str(compute_dtype(device, setting)).removeprefix("torch.")
     recorded = store.compute_precision
     if recorded is None:
         store.record_compute_precision(precision)
     elif recorded != precision:
         raise PathsegError(
             f"{store.path} was computed in {recorded}; this run would compute in {precision} "
-            f"(extract.autocast={setting!r} on {device.type}); set extract.autocast to match, or use another "
+            f"(extract.autocast={setting!r} {where}); set extract.autocast to match, or use another "
             "--store / --overwrite"
         )
 
@@ -237,6 +244,72 @@ class _Extractor:
         return out, computed_z0
 
 
+def uses_cluster(settings: ExtractConfig) -> bool:
+    return settings.workers > 1 or bool(settings.scheduler)
+
+
+def extract_shards(
+    extractor: _Extractor, store: FeatureStore, source: TileSource, work: dict[int, dict[int, list[str]]],
+    advance: Callable[[int], object],
+) -> None:
+    """Compute and write every shard in `work` (shard -> timestep -> blocks), each whole, then flagged.
+
+    The reader thread decodes and cuts batch k+1 while the model runs batch k; the writer thread
+    compresses and writes shard s while the model runs shard s+1.
+    """
+    config = extractor.config
+    per_shard = store.tiles_per_shard
+    batch = config.extract.batch_size
+    latent = config.tiling.tile_size // 4
+    latents_done = store.latent_shards_done()
+
+    def load(shard: int, lo: int, hi: int) -> tuple[np.ndarray | None, torch.Tensor, np.ndarray | None]:
+        noise = tile_noise(config.extract.noise_seed, source.noise_keys(lo, hi), (LATENT_CHANNELS, latent, latent))
+        z0 = store.read_latents(lo, hi) if latents_done[shard] else None
+        tiles = source.tiles(lo, hi) if z0 is None or extractor.needs_pixels else None
+        return tiles, noise, z0
+
+    batches = [
+        (shard, lo, min(lo + batch, min((shard + 1) * per_shard, store.n_tiles)))
+        for shard in sorted(work)
+        for lo in range(shard * per_shard, min((shard + 1) * per_shard, store.n_tiles), batch)
+    ]
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-write") as writer,
+    ):
+        pending: list[Future] = []
+        upcoming = reader.submit(load, *batches[0])
+        position = 0
+        for shard in sorted(work):
+            wanted = work[shard]
+            results: dict[tuple[int, str], list[np.ndarray]] = {(ts, b): [] for ts, blocks in wanted.items()
+                                                                for b in blocks}
+            new_latents = []
+            while position < len(batches) and batches[position][0] == shard:
+                _, lo, hi = batches[position]
+                tiles, noise, z0 = upcoming.result()
+                position += 1
+                if position < len(batches):
+                    upcoming = reader.submit(load, *batches[position])
+                features, computed_z0 = extractor.features(tiles, noise, wanted, z0)
+                for key, value in features.items():
+                    results[key].append(value)
+                if computed_z0 is not None:
+                    new_latents.append(computed_z0)
+                advance(hi - lo)
+            for future in pending:
+                future.result()
+            pending = [
+                writer.submit(store.write_shard, ts, b, shard, np.concatenate(chunks))
+                for (ts, b), chunks in results.items()
+            ]
+            if new_latents and not latents_done[shard]:
+                pending.append(writer.submit(store.write_latents, shard, np.concatenate(new_latents)))
+        for future in pending:
+            future.result()
+
+
 def run_extraction(
     config: PipelineConfig, *, overwrite: bool = False, show_progress: bool = True, store_path: Path | None = None
 ) -> ExtractionSummary:
@@ -271,84 +344,52 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
     summary = ExtractionSummary(store=path)
     summary.prepared_images = _prepare_images(store, records, config, show_progress)
 
-    if any(not store.has_feature(ts, b) or store.missing_shards(ts, b) for ts, b in pairs):
-        check_precision(store, pick_device(config.extract.device), config.extract.autocast)  # before any array
-    table = block_table(layout)
-    store.record_block_aliases(block_aliases(layout))
-    latent = config.tiling.tile_size // 4
-    for timestep, block in pairs:
-        info = table[block]
-        size = latent // info.downsample
-        store.ensure_feature(timestep, block, info.channels, size, size)
-    work: dict[int, dict[int, list[str]]] = {}
-    for timestep, block in pairs:
-        for shard in store.missing_shards(timestep, block):
-            work.setdefault(shard, {}).setdefault(timestep, []).append(block)
-    if not work:
-        summary.seconds = time.perf_counter() - started
-        return summary
+    needs_compute = any(not store.has_feature(ts, b) or store.missing_shards(ts, b) for ts, b in pairs)
+    with ExitStack() as resources:
+        cluster = None
+        if needs_compute and uses_cluster(config.extract):
+            from pathseg.extract.cluster import ExtractionCluster
 
-    device = pick_device(config.extract.device)
-    backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed)
-    extractor = _Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device)
-    t = config.tiling
-    source = TileSource(records, store.images, t.tile_size, t.stride, t.pad_mode)
-    per_shard = store.tiles_per_shard
-    total_tiles = sum(min((s + 1) * per_shard, store.n_tiles) - s * per_shard for s in work)
-    batch = config.extract.batch_size
-    computed = set()
+            cluster = resources.enter_context(ExtractionCluster(config.extract, show_progress))
+        if needs_compute:  # before any array is created, so a refused run leaves the store as it was
+            if cluster is not None:
+                check_precision(store, cluster.precision(), config.extract.autocast, "on the dask workers")
+            else:
+                device = pick_device(config.extract.device)
+                check_precision(store, resolved_precision(device, config.extract.autocast),
+                                config.extract.autocast, f"on {device.type}")
+        table = block_table(layout)
+        store.record_block_aliases(block_aliases(layout))
+        latent = config.tiling.tile_size // 4
+        for timestep, block in pairs:
+            info = table[block]
+            size = latent // info.downsample
+            store.ensure_feature(timestep, block, info.channels, size, size)
+        work: dict[int, dict[int, list[str]]] = {}
+        for timestep, block in pairs:
+            for shard in store.missing_shards(timestep, block):
+                work.setdefault(shard, {}).setdefault(timestep, []).append(block)
+        if not work:
+            summary.seconds = time.perf_counter() - started
+            return summary
 
-    latents_done = store.latent_shards_done()
-
-    def load(shard: int, lo: int, hi: int) -> tuple[np.ndarray | None, torch.Tensor, np.ndarray | None]:
-        noise = tile_noise(config.extract.noise_seed, source.noise_keys(lo, hi), (3, latent, latent))
-        z0 = store.read_latents(lo, hi) if latents_done[shard] else None
-        tiles = source.tiles(lo, hi) if z0 is None or extractor.needs_pixels else None
-        return tiles, noise, z0
-
-    # Every batch in order; the reader thread decodes and cuts batch k+1 while the model runs batch k.
-    batches = [
-        (shard, lo, min(lo + batch, min((shard + 1) * per_shard, store.n_tiles)))
-        for shard in sorted(work)
-        for lo in range(shard * per_shard, min((shard + 1) * per_shard, store.n_tiles), batch)
-    ]
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-read") as reader,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-write") as writer,
-        progress_bar("extract", int(total_tiles), "tiles", show_progress) as advance,
-    ):
-        pending: list[Future] = []
-        upcoming = reader.submit(load, *batches[0])
-        position = 0
-        for shard in sorted(work):
-            start, stop = shard * per_shard, min((shard + 1) * per_shard, store.n_tiles)
-            wanted = work[shard]
-            results = {(ts, b): [] for ts, blocks in wanted.items() for b in blocks}
-            new_latents = []
-            while position < len(batches) and batches[position][0] == shard:
-                _, lo, hi = batches[position]
-                tiles, noise, z0 = upcoming.result()
-                position += 1
-                if position < len(batches):
-                    upcoming = reader.submit(load, *batches[position])
-                features, computed_z0 = extractor.features(tiles, noise, wanted, z0)
-                for key, value in features.items():
-                    results[key].append(value)
-                if computed_z0 is not None:
-                    new_latents.append(computed_z0)
-                advance(hi - lo)
-            for future in pending:
-                future.result()
-            pending = [
-                writer.submit(store.write_shard, ts, b, shard, np.concatenate(chunks))
-                for (ts, b), chunks in results.items()
-            ]
-            if new_latents and not latents_done[shard]:
-                pending.append(writer.submit(store.write_latents, shard, np.concatenate(new_latents)))
-            computed.update(feature_key(ts, b) for ts, b in results)
-            summary.computed_tiles += stop - start
-        for future in pending:
-            future.result()
+        per_shard = store.tiles_per_shard
+        total_tiles = sum(min((s + 1) * per_shard, store.n_tiles) - s * per_shard for s in work)
+        if cluster is not None:
+            latents_done = store.latent_shards_done()
+            if not all(latents_done[s] for s in work):
+                store.ensure_latents((LATENT_CHANNELS, latent, latent))  # here, so no two workers create it
+            cluster.extract(config, path, work, total_tiles)
+        else:
+            device = pick_device(config.extract.device)
+            backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed)
+            extractor = _Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device)
+            t = config.tiling
+            source = TileSource(records, store.images, t.tile_size, t.stride, t.pad_mode)
+            with progress_bar("extract", int(total_tiles), "tiles", show_progress) as advance:
+                extract_shards(extractor, store, source, work, advance)
+    summary.computed_tiles = total_tiles
+    computed = {feature_key(ts, b) for wanted in work.values() for ts, blocks in wanted.items() for b in blocks}
     summary.computed_arrays = sorted(computed)
     summary.seconds = time.perf_counter() - started
     return summary

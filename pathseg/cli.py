@@ -81,6 +81,8 @@ def build_config(config: Path | None, sets: list[str] | None, **flags: Any) -> P
         "head_blocks": "head.blocks",
         "epochs": "train.epochs",
         "splits": "evaluate.splits",
+        "workers": "extract.workers",
+        "scheduler": "extract.scheduler",
     }
     for flag, value in flags.items():
         if value is not None:
@@ -105,6 +107,12 @@ def extract(
     blocks: BlocksOption = None,
     store: StoreOption = None,
     overwrite: Annotated[bool, typer.Option(help="replace a store made from other data or weights")] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="local dask workers, one device each (cuda:0, cuda:1, ...)")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="address of a running dask scheduler to extract on")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Stage 1: run the backbone over every tile once and cache decoder features in a Zarr store."""
@@ -119,6 +127,8 @@ def extract(
         backbone_config=backbone_config,
         timesteps=_split(timesteps, int),
         blocks=_split(blocks),
+        workers=workers,
+        scheduler=scheduler,
     )
     summary = run_extraction(cfg, overwrite=overwrite, show_progress=not quiet, store_path=store)
     if summary.nothing_to_do:

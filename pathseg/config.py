@@ -190,6 +190,8 @@ class ExtractConfig(Section):
     tiles_per_shard: int = Field(16, ge=1)
     compile: bool = False
     compression_level: int = Field(3, ge=1, le=22)
+    workers: int = Field(1, ge=1)
+    scheduler: str | None = None
 
     @field_validator("timesteps")
     @classmethod

@@ -389,17 +389,21 @@ class FeatureStore:
     def read_latents(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.group["latents/z0"][start:stop])
 
+    def ensure_latents(self, per_tile: tuple[int, ...]) -> None:
+        """The z_0 array and its shard flags, unless they exist. Parallel writers need it made before they start."""
+        if "latents/z0" in self.group:
+            return
+        self.group.create_array(
+            "latents/z0", shape=(self.n_tiles, *per_tile), dtype="float32", chunks=(1, *per_tile),
+            shards=(self.tiles_per_shard, *per_tile),
+            compressors=ZstdCodec(level=int(self.attrs["compression_level"])), fill_value=0, overwrite=True,
+        )
+        self.group.create_array("done/latents", shape=(self.n_shards,), dtype="uint8", chunks=(1,),
+                                fill_value=0, overwrite=True)
+
     def write_latents(self, shard: int, data: np.ndarray) -> None:
-        """z_0 of a whole shard (float32, exact), created on first use, then its done flag."""
-        if "latents/z0" not in self.group:
-            per_tile = tuple(data.shape[1:])
-            self.group.create_array(
-                "latents/z0", shape=(self.n_tiles, *per_tile), dtype="float32", chunks=(1, *per_tile),
-                shards=(self.tiles_per_shard, *per_tile),
-                compressors=ZstdCodec(level=int(self.attrs["compression_level"])), fill_value=0, overwrite=True,
-            )
-            self.group.create_array("done/latents", shape=(self.n_shards,), dtype="uint8", chunks=(1,),
-                                    fill_value=0, overwrite=True)
+        """z_0 of a whole shard (float32, exact), the array created on first use, then its done flag."""
+        self.ensure_latents(tuple(data.shape[1:]))
         start, stop = self.shard_range(shard)
         self.group["latents/z0"][start:stop] = data.astype(np.float32, copy=False)
         _fsync_file(self.path / "latents" / "z0" / "c" / str(shard))

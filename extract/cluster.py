@@ -1,0 +1,197 @@
+"""Extraction on dask.distributed workers: one process per device, each computing and writing whole shards.
+
+A first extraction of a real dataset is hours of GPU; on a machine with several GPUs (or a cluster
+with a shared file system) the shards are independent, so they are spread over workers. The
+coordinator (`runner._extract_locked`) keeps everything that touches the store's metadata: it holds
+the store lock, writes the images, creates every array and the z_0 array before any worker starts,
+and records the precision. Workers only write shard files and their done flags, and no two workers
+ever get the same shard, so no file has two writers. A worker that dies loses only its unflagged
+shards; rerunning the command computes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from pathseg.extract.tiles import TileSource
+
+from pathseg.config import ExtractConfig, PipelineConfig
+from pathseg.datasets import build_dataset
+from pathseg.errors import PathsegError
+from pathseg.progress import progress_bar
+from pathseg.store import FeatureStore, digest
+
+CONNECT_TIMEOUT = "20s"
+SHARDS_PER_TASK_MAX = 8  # a few shards per task keep the reader and writer threads overlapped inside it
+
+_worker_state: dict[str, Any] = {}  # per worker process: the last backbone built and the last dataset listed
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise PathsegError(
+            "extract.workers > 1 or extract.scheduler needs dask.distributed: pip install \"pathseg[distributed]\""
+        ) from None
+    return distributed
+
+
+class ExtractionCluster:
+    """A LocalCluster of `extract.workers` processes, or a client of the scheduler at `extract.scheduler`."""
+
+    def __init__(self, settings: ExtractConfig, show_progress: bool = True) -> None:
+        self.settings = settings
+        self.show_progress = show_progress
+        self.cluster = None
+        self.client = None
+        self.environ: dict[str, str] = {}
+
+    def __enter__(self) -> ExtractionCluster:
+        distributed = _distributed()
+        # dask's nannies hand settings to their workers through this process's environment (OMP_NUM_THREADS=1,
+        # PYTHONHASHSEED...) and leave them there; they are put back on exit so later child processes of
+        # this one (pathseg run's, a test suite's) run as they would have.
+        self.environ = dict(os.environ)
+        try:
+            if self.settings.scheduler:
+                self.client = distributed.Client(self.settings.scheduler, timeout=CONNECT_TIMEOUT)
+            else:
+                self.cluster = distributed.LocalCluster(
+                    n_workers=self.settings.workers, threads_per_worker=1, processes=True,
+                    dashboard_address=None, silence_logs=logging.ERROR,
+                )
+                self.client = distributed.Client(self.cluster, timeout=CONNECT_TIMEOUT)
+            self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as error:
+            self.__exit__(None, None, None)
+            where = f"the dask scheduler at {self.settings.scheduler}" if self.settings.scheduler else \
+                f"a local dask cluster of {self.settings.workers} workers"
+            raise PathsegError(f"could not reach {where} ({str(error).splitlines()[0]}); check extract.scheduler "
+                               "and that its workers are running, or leave it empty") from None
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            if self.client is not None:
+                self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            if self.environ:
+                os.environ.clear()
+                os.environ.update(self.environ)
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.client.scheduler_info()["workers"])
+
+    def precision(self) -> str:
+        """The precision every worker would compute in; they must agree, or one store would mix them."""
+        answers = self.client.run(worker_precision, self.settings.device, self.settings.autocast)
+        found = sorted(set(answers.values()))
+        if len(found) != 1:
+            raise PathsegError(
+                f"the dask workers would compute in different precisions ({', '.join(found)}) with "
+                f"extract.device={self.settings.device!r} and extract.autocast={self.settings.autocast!r}; "
+                "give workers the same kind of device, or set extract.autocast explicitly"
+            )
+        return found[0]
+
+    def extract(self, config: PipelineConfig, store_path, work: dict[int, dict[int, list[str]]],
+                total_tiles: int) -> None:
+        """Spread the shards over the workers in tasks of a few shards each, and wait for all of them."""
+        distributed = _distributed()
+        shards = sorted(work)
+        workers = max(1, self.n_workers)
+        per_task = max(1, min(SHARDS_PER_TASK_MAX, math.ceil(len(shards) / (4 * workers))))
+        threads = max(1, (os.cpu_count() or 1) // workers) if self.cluster is not None else None
+        futures = {}
+        for first in range(0, len(shards), per_task):
+            part = {shard: work[shard] for shard in shards[first:first + per_task]}
+            future = self.client.submit(extract_task, config, str(store_path), part, threads, pure=False)
+            futures[future] = part
+        with progress_bar("extract", int(total_tiles), "tiles", self.show_progress) as advance:
+            try:
+                for future in distributed.as_completed(list(futures)):
+                    advance(future.result())
+            except BaseException:
+                self.client.cancel(list(futures))
+                raise
+
+
+def worker_device(setting: str) -> torch.device:
+    """`cuda` without an index means this worker's own GPU: local workers are named 0, 1, ... in order."""
+    from pathseg.extract.runner import pick_device
+
+    device = pick_device(setting)
+    if device.type == "cuda" and device.index is None:
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+        except (ImportError, ValueError):
+            name = 0
+        slot = name if isinstance(name, int) else int(name) if str(name).isdigit() else 0
+        device = torch.device("cuda", slot % torch.cuda.device_count())
+    return device
+
+
+def worker_precision(device_setting: str, autocast: str) -> str:
+    from pathseg.extract.runner import resolved_precision
+
+    return resolved_precision(worker_device(device_setting), autocast)
+
+
+def extract_task(config: PipelineConfig, store_path: str, work: dict[int, dict[int, list[str]]],
+                 threads: int | None) -> int:
+    """On a worker: compute and write these shards; returns the number of tiles done."""
+    from pathseg.extract.runner import extract_shards
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    store = FeatureStore.open(store_path, mode="a")
+    extractor = _extractor(config, worker_device(config.extract.device))
+    extractor.config = config
+    t = config.tiling
+    source = TileSource(_records(config, store), store.images, t.tile_size, t.stride, t.pad_mode)
+    extract_shards(extractor, store, source, work, advance=lambda _n: None)
+    per_shard = store.tiles_per_shard
+    return sum(min((s + 1) * per_shard, store.n_tiles) - s * per_shard for s in work)
+
+
+def _extractor(config: PipelineConfig, device: torch.device):
+    """The backbone is built once per worker and kept for the next task of the same settings."""
+    from pathseg.extract.backbone import load_backbone
+    from pathseg.extract.runner import _Extractor, prepare_for_device
+
+    key = digest({"backbone": config.backbone.model_dump(mode="json"),
+                  "conditioning": config.conditioning.model_dump(mode="json"),
+                  "device": str(device), "compile": config.extract.compile})
+    if _worker_state.get("extractor_key") != key:
+        _worker_state.pop("extractor", None)
+        backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed)
+        _worker_state["extractor"] = _Extractor(prepare_for_device(backbone, device, config.extract.compile),
+                                                config, device)
+        _worker_state["extractor_key"] = key
+    return _worker_state["extractor"]
+
+
+def _records(config: PipelineConfig, store: FeatureStore) -> list:
+    """The dataset as this worker sees it, checked against the store's image table (same files, same order)."""
+    key = digest(config.dataset.model_dump(mode="json"))
+    if _worker_state.get("records_key") != key:
+        _worker_state["records"] = build_dataset(config.dataset).records()
+        _worker_state["records_key"] = key
+    records = _worker_state["records"]
+    expected = [entry.id for entry in store.images]
+    if [record.id for record in records] != expected:
+        raise PathsegError(
+            f"a dask worker lists other images for dataset {config.dataset.name!r} than {store.path} holds; "
+            "workers must see the data at the same path as the machine that runs `pathseg extract`"
+        )
+    return records

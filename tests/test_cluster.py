@@ -1,0 +1,107 @@
+"""Extraction on dask.distributed workers writes the store a single process writes, and fails in one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pathseg.extract import cluster as cluster_module
+from pathseg.extract import runner
+
+from pathseg.errors import PathsegError
+from pathseg.store import FeatureStore
+from tests.conftest import small_config
+
+distributed = pytest.importorskip("distributed")
+
+
+def assert_same_store(expected: FeatureStore, actual: FeatureStore) -> None:
+    assert sorted(actual.attrs["features"]) == sorted(expected.attrs["features"])
+    for info in expected.feature_infos():
+        want = expected.read_features(info.timestep, info.block, slice(None)).astype(np.float32)
+        got = actual.read_features(info.timestep, info.block, slice(None)).astype(np.float32)
+        # Bit-identical when the thread counts match (they do here); fp16 rounding otherwise.
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3, err_msg=f"{info.timestep}/{info.block}")
+        assert not actual.missing_shards(info.timestep, info.block)
+    np.testing.assert_allclose(actual.read_latents(0, actual.n_tiles), expected.read_latents(0, expected.n_tiles),
+                               rtol=1e-5, atol=1e-6)
+    assert actual.latent_shards_done().all()
+    assert actual.info()["complete"] and actual.compute_precision == expected.compute_precision == "float32"
+
+
+def test_two_local_workers_write_what_one_process_writes(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what each of the two workers gets
+    try:
+        single = runner.run_extraction(small_config(tmp_path), show_progress=False, store_path=tmp_path / "a.zarr")
+        extended = small_config(tmp_path, **{"extract.timesteps": [50, 150, 250]})
+        runner.run_extraction(extended, show_progress=False, store_path=single.store)
+    finally:
+        torch.set_num_threads(threads)
+
+    on_cluster = small_config(tmp_path, **{"extract.workers": 2})
+    environ = dict(os.environ)
+    first = runner.run_extraction(on_cluster, show_progress=False, store_path=tmp_path / "b.zarr")
+    assert dict(os.environ) == environ  # dask's settings for its workers (OMP_NUM_THREADS=1...) do not leak
+    assert first.computed_tiles == FeatureStore.open(first.store).n_tiles == 28
+    assert first.computed_arrays == ["t0050/up1", "t0050/up3.2", "t0150/up1", "t0150/up3.2"]
+    # Extending on the cluster: workers read z_0 back instead of re-encoding.
+    more = small_config(tmp_path, **{"extract.timesteps": [50, 150, 250], "extract.workers": 2})
+    second = runner.run_extraction(more, show_progress=False, store_path=first.store)
+    assert second.computed_arrays == ["t0250/up1", "t0250/up3.2"]
+    assert_same_store(FeatureStore.open(single.store), FeatureStore.open(first.store))
+
+    def no_cluster(*_args, **_kwargs):
+        raise AssertionError("a cluster was started with nothing to compute")
+
+    monkeypatch.setattr(cluster_module, "ExtractionCluster", no_cluster)
+    assert runner.run_extraction(more, show_progress=False, store_path=first.store).nothing_to_do
+
+
+def test_worker_errors_arrive_as_one_line(tmp_path):
+    """A worker that cannot use the asked device fails the run before any array is created."""
+    config = small_config(tmp_path, **{"extract.workers": 2, "extract.device": "cuda"})
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(PathsegError, match="no CUDA GPU is visible"):
+        runner.run_extraction(config, show_progress=False, store_path=tmp_path / "s.zarr")
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert store.attrs["features"] == {} and store.compute_precision is None
+
+
+def test_unreachable_scheduler(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT", "1s")
+    config = small_config(tmp_path, **{"extract.scheduler": "tcp://127.0.0.1:9"})
+    with pytest.raises(PathsegError, match=r"could not reach the dask scheduler at tcp://127.0.0.1:9"):
+        runner.run_extraction(config, show_progress=False)
+
+
+def test_without_distributed_installed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import fails as if not installed
+    config = small_config(tmp_path, **{"extract.workers": 2})
+    with pytest.raises(PathsegError, match=r"pip install \"pathseg\[distributed\]\""):
+        runner.run_extraction(config, show_progress=False)
+
+
+def test_a_worker_that_sees_other_data_refuses(tmp_path):
+    config = small_config(tmp_path)
+    store = FeatureStore.open(runner.run_extraction(config, show_progress=False).store)
+    other = small_config(tmp_path, **{"dataset.synthetic.seed": 7, "dataset.synthetic.train": 5})
+    with pytest.raises(PathsegError, match="same path"):
+        cluster_module._records(other, store)
+    assert len(cluster_module._records(config, store)) == len(store.images)
+
+
+def test_cli_scheduler_flag_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT", "1s")
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--set", "tiling.tile_size=128", "--set",
+                             "tiling.stride=128", "--scheduler", "tcp://127.0.0.1:9", "--quiet")
+    assert code == 2
+    assert "could not reach the dask scheduler at tcp://127.0.0.1:9" in out + err
+    assert "Traceback" not in out + err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -117,11 +118,24 @@ class ExtractionCluster:
             futures[future] = part
         with progress_bar("extract", int(total_tiles), "tiles", self.show_progress) as advance:
             try:
-                for future in distributed.as_completed(list(futures)):
-                    advance(future.result())
+                wait_all(distributed.as_completed(list(futures)), advance, distributed.KilledWorker)
             except BaseException:
                 self.client.cancel(list(futures))
                 raise
+
+
+def wait_all(completed, advance: Callable[[int], object], killed_worker: type[Exception]) -> None:
+    """Results in completion order; a task whose workers kept dying becomes one line, not dask's traceback."""
+    for future in completed:
+        try:
+            advance(future.result())
+        except killed_worker as error:
+            last = getattr(getattr(error, "last_worker", None), "address", "unknown")
+            raise PathsegError(
+                f"dask workers died while extracting, {getattr(error, 'allowed_failures', 'several')} times on one "
+                f"task (last on {last}); look at their memory (RAM and GPU), then rerun the same command: "
+                "finished shards are kept and only the rest is computed"
+            ) from None
 
 
 def worker_device(setting: str) -> torch.device:

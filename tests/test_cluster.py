@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,3 +106,21 @@ def test_cli_scheduler_flag_fails_in_one_line(tmp_path, monkeypatch, capsys):
     assert code == 2
     assert "could not reach the dask scheduler at tcp://127.0.0.1:9" in out + err
     assert "Traceback" not in out + err
+
+
+def test_workers_that_keep_dying_end_in_one_line():
+    """dask gives up on a task after its workers died `allowed-failures` times; the user gets what to do."""
+
+    class Done:
+        def result(self):
+            return 16
+
+    class Killed:
+        def result(self):
+            raise distributed.KilledWorker("extract_task-1", SimpleNamespace(address="tcp://10.0.0.2:40000"), 3)
+
+    advanced = []
+    with pytest.raises(PathsegError, match=r"died while extracting, 3 times on one task \(last on tcp://10.0.0.2:40000\)"
+                       r".*rerun the same command"):
+        cluster_module.wait_all([Done(), Killed(), Done()], advanced.append, distributed.KilledWorker)
+    assert advanced == [16]

@@ -124,3 +124,25 @@ def test_workers_that_keep_dying_end_in_one_line():
                        r".*rerun the same command"):
         cluster_module.wait_all([Done(), Killed(), Done()], advanced.append, distributed.KilledWorker)
     assert advanced == [16]
+
+
+def test_extraction_on_a_running_scheduler(tmp_path):
+    """`extract.scheduler`: the workers of someone else's cluster (here one started beside the test)."""
+    import logging
+
+    environ = dict(os.environ)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as running:
+        config = small_config(tmp_path, **{"extract.scheduler": running.scheduler_address,
+                                           "extract.timesteps": [50], "extract.blocks": ["up1"]})
+        summary = runner.run_extraction(config, show_progress=False)
+        assert running.scheduler_info["workers"]  # ours, still up: pathseg leaves a running cluster alone
+    os.environ.clear()
+    os.environ.update(environ)
+    store = FeatureStore.open(summary.store)
+    assert summary.computed_tiles == store.n_tiles and store.info()["complete"]
+    reference = runner.run_extraction(small_config(tmp_path, **{"extract.timesteps": [50], "extract.blocks": ["up1"]}),
+                                      show_progress=False, store_path=tmp_path / "reference.zarr")
+    np.testing.assert_allclose(store.read_features(50, "up1", slice(None)).astype(np.float32),
+                               FeatureStore.open(reference.store).read_features(50, "up1", slice(None)),
+                               rtol=2e-3, atol=2e-3)

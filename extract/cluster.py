@@ -62,9 +62,11 @@ class ExtractionCluster:
             if self.settings.scheduler:
                 self.client = distributed.Client(self.settings.scheduler, timeout=CONNECT_TIMEOUT)
             else:
+                # Task errors reach this process and are reported from here; the workers' own log lines are
+                # mostly shutdown races (a heartbeat to a scheduler that just closed), noise in a CLI's output.
                 self.cluster = distributed.LocalCluster(
                     n_workers=self.settings.workers, threads_per_worker=1, processes=True,
-                    dashboard_address=None, silence_logs=logging.ERROR,
+                    dashboard_address=None, silence_logs=logging.CRITICAL,
                 )
                 self.client = distributed.Client(self.cluster, timeout=CONNECT_TIMEOUT)
             self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)

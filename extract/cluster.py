@@ -72,10 +72,13 @@ class ExtractionCluster:
             self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as error:
             self.__exit__(None, None, None)
-            where = f"the dask scheduler at {self.settings.scheduler}" if self.settings.scheduler else \
-                f"a local dask cluster of {self.settings.workers} workers"
-            raise PathsegError(f"could not reach {where} ({str(error).splitlines()[0]}); check extract.scheduler "
-                               "and that its workers are running, or leave it empty") from None
+            if self.settings.scheduler:
+                where = f"reach the dask scheduler at {self.settings.scheduler}"
+                hint = "check extract.scheduler and that its workers are running, or leave it empty"
+            else:
+                where = f"start a local dask cluster of {self.settings.workers} workers"
+                hint = "lower extract.workers, or set it to 1 to extract in this process"
+            raise PathsegError(f"could not {where} ({str(error).splitlines()[0]}); {hint}") from None
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -113,16 +116,16 @@ class ExtractionCluster:
         workers = max(1, self.n_workers)
         per_task = max(1, min(SHARDS_PER_TASK_MAX, math.ceil(len(shards) / (4 * workers))))
         threads = max(1, (os.cpu_count() or 1) // workers) if self.cluster is not None else None
-        futures = {}
-        for first in range(0, len(shards), per_task):
-            part = {shard: work[shard] for shard in shards[first:first + per_task]}
-            future = self.client.submit(extract_task, config, str(store_path), part, threads, pure=False)
-            futures[future] = part
+        futures = [
+            self.client.submit(extract_task, config, str(store_path),
+                               {shard: work[shard] for shard in shards[first:first + per_task]}, threads, pure=False)
+            for first in range(0, len(shards), per_task)
+        ]
         with progress_bar("extract", int(total_tiles), "tiles", self.show_progress) as advance:
             try:
-                wait_all(distributed.as_completed(list(futures)), advance, distributed.KilledWorker)
+                wait_all(distributed.as_completed(futures), advance, distributed.KilledWorker)
             except BaseException:
-                self.client.cancel(list(futures))
+                self.client.cancel(futures)
                 raise
 
 

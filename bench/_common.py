@@ -5,6 +5,7 @@ Not a benchmark itself; each `bench/NAME.py` imports it (Python puts the script'
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,6 +35,21 @@ def passive_omp() -> None:
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def add_output_options(parser: argparse.ArgumentParser, workdir_holds: str) -> None:
+    """--workdir and --json, which every benchmark takes."""
+    parser.add_argument("--workdir", default=None,
+                        help=f"where {workdir_holds} go (default: a temporary directory, removed afterwards)")
+    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+
+
+def start() -> dict[str, Any]:
+    """What every benchmark does first: passive OpenMP waits (re-exec), then record and print the machine."""
+    passive_omp()
+    machine = machine_info()
+    print(f"machine: {machine}")
+    return machine
 
 
 def machine_info() -> dict[str, Any]:

@@ -118,16 +118,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compression-level", type=int, default=3, help="extract.compression_level (zstd)")
     parser.add_argument("--batch-size", type=int, default=8, help="StoreLoader batch size (train.batch_size)")
     parser.add_argument("--epochs", type=int, default=5, help="timed passes over all tiles per reader (best kept)")
-    parser.add_argument("--workdir", default=None, help="where the store and .npy files go (default: temporary)")
-    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    common.add_output_options(parser, "the store and .npy files")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    common.passive_omp()
-    machine = common.machine_info()
-    print(f"machine: {machine}")
+    machine = common.start()
     with common.work_directory(args.workdir, "pathseg-bench-cache-") as workdir:
         if args.store:
             store_path = Path(args.store)

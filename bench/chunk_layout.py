@@ -110,16 +110,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per read (train.batch_size)")
     parser.add_argument("--epochs", type=int, default=3, help="timed passes per reader (best kept)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None, help="where arrays go (default: a temporary directory)")
-    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    common.add_output_options(parser, "arrays")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    common.passive_omp()
-    machine = common.machine_info()
-    print(f"machine: {machine}")
+    machine = common.start()
     results = []
     with common.work_directory(args.workdir, "pathseg-bench-layout-") as workdir:
         name, data, level = source_array(args, workdir)

@@ -354,8 +354,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="extract.compile (torch.compile the UNet) for both")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s at the precision measured (default: looked up for GPUs)")
-    parser.add_argument("--workdir", default=None, help="where stores go (default: a temporary directory)")
-    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    common.add_output_options(parser, "stores")
     return parser.parse_args()
 
 
@@ -381,9 +380,7 @@ def make_case(args: argparse.Namespace, prefix: str, backbone: str) -> Case:
 
 def main() -> None:
     args = parse_args()
-    common.passive_omp()
-    machine = common.machine_info()
-    print(f"machine: {machine}")
+    machine = common.start()
     prefixes = {"tiny": "tiny", "paper-random": "paper"}
     results = []
     with common.work_directory(args.workdir, "pathseg-bench-extract-") as workdir:

@@ -333,16 +333,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--per-tile-reads", action="store_true",
                         help="also time a cached epoch whose loader reads one tile per zarr call (diagnostic of a "
                         "proposed loader fix)")
-    parser.add_argument("--workdir", default=None, help="where stores go (default: a temporary directory)")
-    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    common.add_output_options(parser, "stores")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    common.passive_omp()
-    machine = common.machine_info()
-    print(f"machine: {machine}")
+    machine = common.start()
     results = []
     with common.work_directory(args.workdir, "pathseg-bench-ablation-") as workdir:
         for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:

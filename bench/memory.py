@@ -103,16 +103,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--blocks", default="up1,up2.2,up3.2")
     parser.add_argument("--epochs", type=int, default=2, help="fit-head epochs")
     parser.add_argument("--batch-size", type=int, default=8, help="train.batch_size")
-    parser.add_argument("--workdir", default=None, help="where stores and runs go (default: a temporary directory)")
-    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    common.add_output_options(parser, "stores and runs")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    common.passive_omp()
-    machine = common.machine_info()
-    print(f"machine: {machine}")
+    machine = common.start()
     results: dict[str, Any] = {}
     with common.work_directory(args.workdir, "pathseg-bench-memory-") as workdir:
         floor, _ = peak_rss([], workdir)

@@ -68,6 +68,12 @@ def test_glas_split_selection(tmp_path):
         build_dataset(DatasetConfig(name="glas", root=root, splits=["testC"])).records()
 
 
+@pytest.mark.parametrize("name", ["glas", "bcss", "folder"])
+def test_datasets_on_disk_ask_for_their_folder(name):
+    with pytest.raises(PathsegError, match=f"dataset '{name}' needs its folder: pass --data-root PATH"):
+        build_dataset(DatasetConfig(name=name))
+
+
 def test_unknown_dataset_lists_valid_ones():
     with pytest.raises(PathsegError, match="choose one of: .*glas.*synthetic"):
         build_dataset(DatasetConfig(name="nope"))

@@ -55,6 +55,13 @@ class SegmentationDataset(ABC):
         return [record for record in records if record.split in wanted]
 
 
+def require_root(root: Path | None, dataset: str) -> Path:
+    """Datasets read from disk need dataset.root; say how to give it."""
+    if root is None:
+        raise PathsegError(f"dataset {dataset!r} needs its folder: pass --data-root PATH (or set dataset.root)")
+    return root
+
+
 def require_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path,
                   image_names: str = ".*", mask_names: str = ".png") -> None:
     """Every image has its mask and every mask its image (matched by stem); the first stray fails, named."""

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from pathseg.config import BCSSOptions, DatasetConfig
-from pathseg.datasets.base import ImageRecord, SegmentationDataset, digest_files, image_size, require_pairs
+from pathseg.datasets.base import (
+    ImageRecord,
+    SegmentationDataset,
+    digest_files,
+    image_size,
+    require_pairs,
+    require_root,
+)
 from pathseg.errors import PathsegError
 
 IMAGE_DIR = "rgbs_colorNormalized"
@@ -243,6 +250,4 @@ class BCSS(SegmentationDataset):
 
 
 def build_bcss(config: DatasetConfig) -> BCSS:
-    if config.root is None:
-        raise PathsegError("dataset 'bcss' needs its folder: pass --data-root PATH (or set dataset.root)")
-    return BCSS(config.root, config.bcss, config.splits)
+    return BCSS(require_root(config.root, "bcss"), config.bcss, config.splits)

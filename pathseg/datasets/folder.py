@@ -31,6 +31,7 @@ from pathseg.datasets.base import (
     image_size,
     read_rgb,
     require_pairs,
+    require_root,
 )
 from pathseg.errors import PathsegError
 
@@ -380,6 +381,4 @@ class FolderDataset(SegmentationDataset):
 
 
 def build_folder(config: DatasetConfig) -> FolderDataset:
-    if config.root is None:
-        raise PathsegError("dataset 'folder' needs its folder: pass --data-root PATH (or set dataset.root)")
-    return FolderDataset(config.root, config.folder, config.splits)
+    return FolderDataset(require_root(config.root, "folder"), config.folder, config.splits)

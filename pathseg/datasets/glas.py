@@ -21,6 +21,7 @@ from pathseg.datasets.base import (
     image_size,
     read_label_map,
     read_rgb,
+    require_root,
 )
 from pathseg.errors import PathsegError
 
@@ -158,6 +159,4 @@ class GlaS(SegmentationDataset):
 
 
 def build_glas(config: DatasetConfig) -> GlaS:
-    if config.root is None:
-        raise PathsegError("dataset 'glas' needs its folder: pass --data-root PATH (or set dataset.root)")
-    return GlaS(config.root, config.glas.val_fraction, config.glas.split_seed, config.splits)
+    return GlaS(require_root(config.root, "glas"), config.glas.val_fraction, config.glas.split_seed, config.splits)

@@ -116,8 +116,11 @@ def part_configs(name: str, config_path: Path | str | None = None) -> PartConfig
     from pathseg.extract.backbone import PAPER, TINY, unet_config_for
 
     path = Path(name)
-    yaml_path = path if path.suffix in (".yaml", ".yml") else Path(config_path) if path.suffix == ".ckpt" and \
-        config_path is not None else None
+    yaml_path = None
+    if path.suffix in (".yaml", ".yml"):
+        yaml_path = path
+    elif path.suffix == ".ckpt" and config_path is not None:
+        yaml_path = Path(config_path)
     if yaml_path is not None:
         configs = backbone_configs_from_yaml(read_ldm_yaml(yaml_path))
         return PartConfigs(configs["unet"], configs["first_stage"])

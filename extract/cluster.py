@@ -179,8 +179,7 @@ def extract_task(config: PipelineConfig, store_path: str, work: dict[int, dict[i
     t = config.tiling
     source = TileSource(_records(config, store), store.images, t.tile_size, t.stride, t.pad_mode)
     extract_shards(extractor, store, source, work, advance=lambda _n: None)
-    per_shard = store.tiles_per_shard
-    return sum(min((s + 1) * per_shard, store.n_tiles) - s * per_shard for s in work)
+    return store.tiles_in(work)
 
 
 def _extractor(config: PipelineConfig, device: torch.device):

@@ -258,7 +258,6 @@ def extract_shards(
     compresses and writes shard s while the model runs shard s+1.
     """
     config = extractor.config
-    per_shard = store.tiles_per_shard
     batch = config.extract.batch_size
     latent = config.tiling.tile_size // 4
     latents_done = store.latent_shards_done()
@@ -270,9 +269,9 @@ def extract_shards(
         return tiles, noise, z0
 
     batches = [
-        (shard, lo, min(lo + batch, min((shard + 1) * per_shard, store.n_tiles)))
+        (shard, lo, min(lo + batch, store.shard_range(shard)[1]))
         for shard in sorted(work)
-        for lo in range(shard * per_shard, min((shard + 1) * per_shard, store.n_tiles), batch)
+        for lo in range(*store.shard_range(shard), batch)
     ]
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-read") as reader,
@@ -373,15 +372,13 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
             summary.seconds = time.perf_counter() - started
             return summary
 
-        per_shard = store.tiles_per_shard
-        total_tiles = sum(min((s + 1) * per_shard, store.n_tiles) - s * per_shard for s in work)
+        total_tiles = store.tiles_in(work)
         if cluster is not None:
             latents_done = store.latent_shards_done()
             if not all(latents_done[s] for s in work):
                 store.ensure_latents((LATENT_CHANNELS, latent, latent))  # here, so no two workers create it
             cluster.extract(config, path, work, total_tiles)
         else:
-            device = pick_device(config.extract.device)
             backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed)
             extractor = _Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device)
             t = config.tiling

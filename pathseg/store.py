@@ -362,6 +362,9 @@ class FeatureStore:
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.tiles_per_shard, min((shard + 1) * self.tiles_per_shard, self.n_tiles)
 
+    def tiles_in(self, shards) -> int:
+        return sum(stop - start for start, stop in map(self.shard_range, shards))
+
     def missing_shards(self, timestep: int, block: str) -> list[int]:
         if not self.has_feature(timestep, block):
             raise KeyError(feature_key(timestep, block))

@@ -24,7 +24,8 @@ bare forward and the whole extraction reach; with --device cuda, their fraction 
     python bench/extraction_overhead.py --backbones tiny --tiny-images 8 --json out.json
     python bench/extraction_overhead.py --backbones paper-random --paper-autocast bfloat16
     python bench/extraction_overhead.py --device cuda --backbones paper-random --paper-autocast bfloat16 \
-        --paper-images 16 --paper-size 512x512 --paper-tile 256/256 --paper-timesteps 50,150,250 --paper-batch 32
+        --paper-images 16 --paper-size 512x512 --paper-tile 256/256 --paper-timesteps 50,150,250 --paper-batch 32 \
+        --paper-tiles-per-shard 64   # batches never cross a shard
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pathseg.errors import PathsegError
+from pathseg.yaml_io import load_settings_yaml
 
 
 class Section(BaseModel):
@@ -174,6 +175,12 @@ class BackboneConfig(Section):
 
 class ConditioningConfig(Section):
     mode: Literal["null", "ssl"] = "null"
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _null_is_a_mode(cls, value: Any) -> Any:
+        """`mode: null` unquoted (or `--set conditioning.mode=null`) reads as YAML's null: it means the mode."""
+        return "null" if value is None else value
     encoder: str | None = None
     encoder_weights: Path | None = None
     region_encoder: str | None = None
@@ -270,7 +277,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise PathsegError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = load_settings_yaml(raw) if raw else None
     except yaml.YAMLError as error:
         raise PathsegError(f"override {text!r}: value is not valid YAML ({error})") from None
     return key.strip(), value
@@ -295,7 +302,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         if not Path(path).is_file():
             raise PathsegError(f"config file {path} does not exist; pass --config with a pipeline.yaml")
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = load_settings_yaml(Path(path).read_text())
         except yaml.YAMLError as error:
             raise PathsegError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):

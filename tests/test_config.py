@@ -60,3 +60,25 @@ def test_bad_yaml_is_one_clear_error(tmp_path):
     path.write_text("extract: [unclosed\n")
     with pytest.raises(PathsegError, match="not valid YAML"):
         load_config(path)
+
+
+def test_autocast_off_reads_as_the_documented_word_in_yaml_and_on_the_command_line(tmp_path):
+    word = "off"
+    path = tmp_path / "p.yaml"
+    path.write_text(f"extract:\n  autocast: {word}\n")
+    assert load_config(path).extract.autocast == "off"
+    key, value = parse_override(f"extract.autocast={word}")
+    assert load_config(None, {key: value}).extract.autocast == "off"
+
+
+def test_yaml_1_1_words_stay_words_and_booleans_still_parse(tmp_path):
+    path = tmp_path / "p.yaml"
+    # ON and NO are written like TCGA tissue source site codes; yes/no stay valid for boolean settings
+    path.write_text("conditioning:\n  mode: null\ndataset:\n  bcss:\n    test_institutions: [ON, NO]\n"
+                    "    val_institutions: [BH]\ntrain:\n  augment: no\nextract:\n  compile: yes\n")
+    config = load_config(path)
+    assert config.conditioning.mode == "null"
+    assert config.dataset.bcss.test_institutions == ["ON", "NO"]
+    assert config.train.augment is False and config.extract.compile is True
+    key, value = parse_override("conditioning.mode=null")
+    assert load_config(None, {key: value}).conditioning.mode == "null"

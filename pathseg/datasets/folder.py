@@ -34,6 +34,7 @@ from pathseg.datasets.base import (
     require_root,
 )
 from pathseg.errors import PathsegError
+from pathseg.yaml_io import load_settings_yaml
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
@@ -116,7 +117,7 @@ def read_classes(path: Path) -> ClassTable:
             "or point dataset.folder.classes_file at yours"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_settings_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise PathsegError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if isinstance(raw, list):

@@ -19,7 +19,7 @@ import torch
 from pathseg.extract.backbone import Backbone, backbone_fingerprint, load_backbone, unet_config_for
 from pathseg.extract.blocks import FeatureCapture, UNetLayout, block_table, canonical_block
 from pathseg.extract.conditioning import build_conditioning, weights_digest
-from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, tile_noise
+from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, store_ignore_index, tile_noise
 
 from pathseg.config import ExtractConfig, PipelineConfig, config_to_dict
 from pathseg.datasets import build_dataset
@@ -155,7 +155,7 @@ def _open_store(
         identity=identity,
         config=config_to_dict(config),
         class_names=list(dataset.class_names),
-        ignore_index=dataset.ignore_index,
+        ignore_index=store_ignore_index(t.pad_mode, dataset.ignore_index),
         tile_size=t.tile_size,
         stride=t.stride,
         images=entries,
@@ -174,7 +174,7 @@ def _prepare_images(store: FeatureStore, records, config: PipelineConfig, show_p
     with progress_bar("images", len(todo), "images", show_progress) as advance:
         for index in todo:
             rgb, labels, instances, tile_labels = labels_for_tiles(
-                records[index], entries[index], t.tile_size, t.stride, t.pad_mode
+                records[index], entries[index], t.tile_size, t.stride, t.pad_mode, store.ignore_index
             )
             store.write_image(int(index), rgb, labels, instances, tile_labels)
             advance(1)

@@ -63,14 +63,39 @@ def source_indices(padded_length: int, before: int, length: int, mode: str) -> n
     raise PathsegError(f"tiling.pad_mode {mode!r} is not one of reflect, symmetric, edge, constant")
 
 
+PADDING_IGNORE = 255  # the ignore value padded labels get when the dataset has none (classes stay below it)
+
+
+def padding_label(pad_mode: str, ignore_index: int | None) -> int | None:
+    """What a padded pixel's label is in tile labels: None keeps the padded (mirrored) labels themselves.
+
+    reflect / symmetric: the padding is real tissue seen in a mirror, and the same mirror carries its
+    labels, so the supervision is exact for what the features there show; it works as a flip augmentation
+    of border context. Those pixels are never scored (stitching crops the padding) and the best epoch is
+    chosen on stitched images, so they cannot inflate a reported figure. edge / constant: the padding is
+    smeared or blank pixels that no label describes (a 0 there would say "class 0", tumour in BCSS), so
+    it carries the ignore index, the dataset's own or `PADDING_IGNORE` when it has none.
+    """
+    if pad_mode in ("reflect", "symmetric"):
+        return None
+    return PADDING_IGNORE if ignore_index is None else ignore_index
+
+
+def store_ignore_index(pad_mode: str, ignore_index: int | None) -> int | None:
+    """The store's ignore index: the dataset's, or the padding's where padded labels need one."""
+    padded = padding_label(pad_mode, ignore_index)
+    return ignore_index if padded is None else padded
+
+
 class PaddedView:
     """An (H, W, ...) array seen through its tile grid's padding, cut tile by tile.
 
     Equal to `cut_tile(pad_to_grid(array, grid, mode), origin, size)`, without ever building the padded
-    copy: a large ROI then costs its decoded pixels once, not twice.
+    copy: a large ROI then costs its decoded pixels once, not twice. With `outside` set, every pixel
+    outside the image holds that value instead, whatever the mode (labels of padding that shows no tissue).
     """
 
-    def __init__(self, array: np.ndarray, grid: TileGrid, mode: str) -> None:
+    def __init__(self, array: np.ndarray, grid: TileGrid, mode: str, outside: int | None = None) -> None:
         if array.shape[:2] != (grid.height, grid.width):
             raise ValueError(f"array {array.shape[:2]} does not match its grid {(grid.height, grid.width)}")
         if mode == "reflect" and min(array.shape[:2]) < 2:
@@ -78,8 +103,11 @@ class PaddedView:
         self.array = array
         self.grid = grid
         self.mode = mode
+        self.outside = 0 if mode == "constant" and outside is None else outside
         self._rows = source_indices(grid.padded_height, grid.pad_top, grid.height, mode)
         self._cols = source_indices(grid.padded_width, grid.pad_left, grid.width, mode)
+        self._rows_inside = _inside(grid.padded_height, grid.pad_top, grid.height)
+        self._cols_inside = _inside(grid.padded_width, grid.pad_left, grid.width)
 
     @property
     def nbytes(self) -> int:
@@ -93,10 +121,15 @@ class PaddedView:
             top, left = y - g.pad_top, x - g.pad_left
             return self.array[top : top + size, left : left + size]
         out = self.array[np.ix_(np.maximum(rows, 0), np.maximum(cols, 0))]
-        if self.mode == "constant":
-            out[rows < 0] = 0
-            out[:, cols < 0] = 0
+        if self.outside is not None:
+            out[~self._rows_inside[y : y + size]] = self.outside
+            out[:, ~self._cols_inside[x : x + size]] = self.outside
         return out
+
+
+def _inside(padded_length: int, before: int, length: int) -> np.ndarray:
+    position = np.arange(padded_length) - before
+    return (position >= 0) & (position < length)
 
 
 class TileSource:
@@ -232,9 +265,10 @@ def tile_noise(seed: int, keys: list[str], shape: tuple[int, ...]) -> torch.Tens
 
 
 def labels_for_tiles(
-    record: ImageRecord, entry: ImageEntry, tile_size: int, stride: int, pad_mode: str
+    record: ImageRecord, entry: ImageEntry, tile_size: int, stride: int, pad_mode: str, ignore_index: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, TileLabels]:
-    """(rgb, labels, instances, per-tile labels) of one image; labels are padded like the pixels they label.
+    """(rgb, labels, instances, per-tile labels) of one image; labels are padded like the pixels they label,
+    or hold the ignore index where the padding shows no tissue (`padding_label`).
 
     The per-tile labels come lazily (`TileLabels`), so an image costs its decoded arrays, whatever its size.
     """
@@ -252,4 +286,5 @@ def labels_for_tiles(
             f"{entry.width}x{entry.height}; its dataset's listing and loaders disagree"
         )
     grid = grid_of(entry, tile_size, stride)
-    return rgb, labels, instances, TileLabels(PaddedView(labels, grid, pad_mode), grid.origins(), tile_size)
+    view = PaddedView(labels, grid, pad_mode, outside=padding_label(pad_mode, ignore_index))
+    return rgb, labels, instances, TileLabels(view, grid.origins(), tile_size)

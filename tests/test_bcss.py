@@ -308,7 +308,7 @@ def test_large_roi_tiles_and_lazy_labels(large_bcss):
     records = bcss(large_bcss).records()
     entries, _ = plan_tiles(records, 256, 192)
     index = next(i for i, r in enumerate(records) if r.id.startswith("TCGA-E2"))
-    rgb, labels, instances, tile_labels = labels_for_tiles(records[index], entries[index], 256, 192, "reflect")
+    rgb, labels, instances, tile_labels = labels_for_tiles(records[index], entries[index], 256, 192, "reflect", IGNORE_INDEX)
     assert instances is None and rgb.shape[:2] == labels.shape == (900, 1200)
     assert isinstance(tile_labels, TileLabels)
     assert tile_labels.shape == (entries[index].n_tiles, 256, 256) and tile_labels.dtype == np.uint8
@@ -378,6 +378,49 @@ def test_extraction_stores_groups_and_ignore(tmp_path):
         grid = tile_grid(entry.height, entry.width, 128, 128)
         padded = pad_to_grid(expected, grid, "reflect")
         np.testing.assert_array_equal(tiles, np.stack([cut_tile(padded, o, 128) for o in grid.origins()]))
+
+
+@pytest.mark.parametrize("mode", ["constant", "edge"])
+def test_padding_without_tissue_is_ignored_not_class_zero(tmp_path, mode):
+    """Class 0 of BCSS is tumor: blank or smeared padding must not be trained or validated as tumor."""
+    from pathseg.extract.runner import run_extraction
+
+    from pathseg.store import FeatureStore
+
+    root = tmp_path / "bcss"
+    write_codes(root)
+    mask = np.full((200, 260), 1, dtype=np.uint8)  # tumor (code 1) everywhere: class 0 after grouping
+    write_roi(root, roi_name("A2", 0), smooth_rgb(200, 260), mask)
+    cfg = load_config(None, {"cache_dir": str(tmp_path / "cache"), "dataset.name": "bcss", "dataset.root": str(root),
+                             "extract.timesteps": [50], "extract.blocks": ["up1"], "tiling.tile_size": 64,
+                             "tiling.stride": 48, "tiling.pad_mode": mode})
+    store = FeatureStore.open(run_extraction(cfg, show_progress=False).store)
+    entry = store.images[0]
+    grid = store.image_grid(0)
+    inside = np.zeros((grid.padded_height, grid.padded_width), dtype=bool)
+    inside[grid.pad_top : grid.pad_top + entry.height, grid.pad_left : grid.pad_left + entry.width] = True
+    tiles = store.tile_labels(slice(0, entry.n_tiles))
+    for tile, origin in zip(tiles, grid.origins(), strict=True):
+        real = cut_tile(inside, origin, 64)
+        assert (tile[real] == 0).all()
+        assert (tile[~real] == IGNORE_INDEX).all()
+    assert (~inside).any()
+
+
+def test_padding_gets_an_ignore_index_where_the_dataset_has_none(tmp_path):
+    from pathseg.extract.runner import run_extraction
+    from pathseg.extract.tiles import PADDING_IGNORE
+
+    from pathseg.store import FeatureStore
+    from tests.conftest import small_config
+
+    store = FeatureStore.open(run_extraction(small_config(tmp_path, **{"tiling.pad_mode": "constant",
+                                                                       "extract.timesteps": [50],
+                                                                       "extract.blocks": ["up1"]}),
+                                             show_progress=False).store)
+    assert store.ignore_index == PADDING_IGNORE
+    labels = store.tile_labels(slice(0, store.images[0].n_tiles))
+    assert labels[0, 0, 0] == PADDING_IGNORE and set(np.unique(labels)) <= {0, 1, PADDING_IGNORE}
 
 
 def test_cli_extract_fit_evaluate_reports_five_classes_and_ignores_outside_roi(tmp_path, monkeypatch, capsys):

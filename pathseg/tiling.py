@@ -82,23 +82,52 @@ def cut_tile(padded: np.ndarray, origin: tuple[int, int], tile_size: int) -> np.
     return padded[y : y + tile_size, x : x + tile_size]
 
 
-class Stitcher:
-    """Averages overlapping (C, T, T) tile outputs into one (C, H, W) image, cropping the padding."""
+BLENDS = ("mean", "gaussian")
+GAUSSIAN_SIGMA = 0.125  # of the tile side, as MONAI's sliding-window inference
+WEIGHT_FLOOR = 1e-3  # so a pixel only one tile covers (an image corner) is still defined
 
-    def __init__(self, grid: TileGrid, channels: int) -> None:
+
+def tile_weights(tile_size: int, blend: str) -> np.ndarray:
+    """(T, T) weight of each tile pixel when overlapping tiles are blended.
+
+    mean: every pixel counts the same. gaussian: centre pixels, which saw context on every side, count
+    more than pixels near a tile edge, whose receptive field ran into the tile border.
+    """
+    if blend == "mean":
+        return np.ones((tile_size, tile_size), dtype=np.float32)
+    if blend == "gaussian":
+        centre = (tile_size - 1) / 2
+        axis = np.exp(-0.5 * ((np.arange(tile_size) - centre) / (GAUSSIAN_SIGMA * tile_size)) ** 2)
+        weights = np.outer(axis, axis)
+        return np.maximum(weights / weights.max(), WEIGHT_FLOOR).astype(np.float32)
+    raise ValueError(f"blend {blend!r} is not one of {', '.join(BLENDS)}")
+
+
+class Stitcher:
+    """Blends overlapping (C, T, T) tile outputs into one (C, H, W) image (weights: `tile_weights`), cropping
+    the padding."""
+
+    def __init__(self, grid: TileGrid, channels: int, blend: str = "mean") -> None:
         self.grid = grid
+        self.weights = tile_weights(grid.tile_size, blend)
         self.total = np.zeros((channels, grid.padded_height, grid.padded_width), dtype=np.float32)
         self.count = np.zeros((grid.padded_height, grid.padded_width), dtype=np.float32)
+        self.tiles_added = 0
 
     def add(self, origin: tuple[int, int], tile: np.ndarray) -> None:
         y, x = origin
         size = self.grid.tile_size
-        self.total[:, y : y + size, x : x + size] += tile
-        self.count[y : y + size, x : x + size] += 1.0
+        self.total[:, y : y + size, x : x + size] += tile * self.weights
+        self.count[y : y + size, x : x + size] += self.weights
+        self.tiles_added += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.tiles_added >= len(self.grid)
 
     def result(self) -> np.ndarray:
         g = self.grid
         if np.any(self.count[g.pad_top : g.pad_top + g.height, g.pad_left : g.pad_left + g.width] == 0):
             raise ValueError("some pixels of the image were not covered by any tile")
-        averaged = self.total / np.maximum(self.count, 1.0)
-        return averaged[:, g.pad_top : g.pad_top + g.height, g.pad_left : g.pad_left + g.width]
+        blended = self.total / np.where(self.count > 0, self.count, 1.0)
+        return blended[:, g.pad_top : g.pad_top + g.height, g.pad_left : g.pad_left + g.width]

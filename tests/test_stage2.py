@@ -94,6 +94,48 @@ def test_fit_then_evaluate_writes_run_and_metrics(extracted_small, tmp_path):
     assert len(list((evaluation.directory / "overlays" / "test").glob("*.png"))) == 1
 
 
+def test_best_epoch_is_chosen_on_the_figure_evaluate_reports(extracted_small, tmp_path):
+    """The selection metric of every epoch is evaluate's val mIoU of that epoch's head: stitched, cropped."""
+    config, _ = extracted_small
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"}, deep=True)
+    config.train.epochs = 3
+    config.evaluate.splits = ["val"]
+    result = fit_head(config, show_progress=False)
+    best = result.history[result.best_epoch]
+    assert best["val_miou"] == max(row["val_miou"] for row in result.history)
+    evaluation = evaluate_run(config, result.run_dir, show_progress=False)
+    assert evaluation.metrics["splits"]["val"]["miou"] == pytest.approx(best["val_miou"], abs=1e-9)
+    assert evaluation.metrics["splits"]["val"]["pixel_accuracy"] == pytest.approx(best["val_pixel_accuracy"])
+
+
+def test_batches_without_labelled_pixels_are_skipped_not_nan(extracted_small, tmp_path, monkeypatch):
+    """A batch whose pixels are all don't-care gives CE = NaN; without a val split no epoch was ever kept."""
+    config, store_path = extracted_small
+    copy = tmp_path / "store.zarr"
+    import shutil
+
+    shutil.copytree(store_path, copy)
+    store = FeatureStore.open(copy, mode="a")
+    store.group.attrs["ignore_index"] = 255
+    train_tiles = store.tiles_of_splits(["train"])
+    labels = store.group["tiles/labels"]
+    for tile in train_tiles[:4]:  # the first batch of 4 in storage order would be all-ignored
+        labels[int(tile)] = 255
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"}, deep=True)
+    config.train.val_split = "none"
+    config.train.augment = False
+    config.train.batch_size = 4
+    monkeypatch.setattr(StoreLoader, "_order", lambda self: self.tiles)  # storage order: one batch is all-ignored
+    result = fit_head(config, store_path=copy, show_progress=False)
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+    assert all(row["skipped_batches"] == 1 for row in result.history)
+    assert (result.run_dir / "head.safetensors").exists()
+    for tile in train_tiles:
+        labels[int(tile)] = 255
+    with pytest.raises(PathsegError, match="unlabelled"):
+        fit_head(config, store_path=copy, run_dir=tmp_path / "none", show_progress=False)
+
+
 def test_fit_is_reproducible(extracted_small, tmp_path):
     config, _ = extracted_small
     config = config.model_copy(update={"runs_dir": tmp_path / "runs"})

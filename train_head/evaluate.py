@@ -1,7 +1,7 @@
 """`pathseg evaluate`: predict every tile from the store, stitch whole images, score them.
 
-Scores are computed on whole images, not tiles: overlapping tile logits are averaged and the
-padding cropped, which is how the contest metrics (object F1, Dice, Hausdorff) are defined.
+Scores are computed on whole images, not tiles: overlapping tile logits are blended (`evaluate.blend`)
+and the padding cropped, which is how the contest metrics (object F1, Dice, Hausdorff) are defined.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from pathseg.train_head.fit import pick_device
-from pathseg.train_head.head import SegmentationHead
-from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.overlays import save_overlay
 from pathseg.train_head.runs import Run, atomic_write_text, load_run
+from pathseg.train_head.stitching import stitched_logits
 from pathseg.train_head.tables import metrics_markdown, metrics_text
 
 from pathseg.config import PipelineConfig
@@ -24,25 +22,6 @@ from pathseg.errors import PathsegError
 from pathseg.metrics import ConfusionMatrix, GlandMetrics, background_index_of, instances_from_semantic, pixel_metrics
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore
-from pathseg.tiling import Stitcher
-
-
-def predict_image(head: SegmentationHead, store: FeatureStore, pairs: list[tuple[int, str]], index: int,
-                  device: torch.device, batch_size: int) -> np.ndarray:
-    """(classes, H, W) averaged logits of one image, from its cached tiles."""
-    entry = store.images[index]
-    grid = store.image_grid(index)
-    tiles = np.arange(entry.first_tile, entry.first_tile + entry.n_tiles)
-    origins = store.tile_origins()[tiles]
-    stitcher = Stitcher(grid, head.num_classes)
-    loader = StoreLoader(store, pairs, tiles, batch_size, prefetch=0, with_labels=False)
-    position = {int(t): k for k, t in enumerate(tiles)}
-    with torch.inference_mode():
-        for batch in loader:
-            logits = head([f.to(device) for f in batch.features], store.tile_size).float().cpu().numpy()
-            for tile, tile_logits in zip(batch.tiles, logits, strict=True):
-                stitcher.add(tuple(origins[position[int(tile)]]), tile_logits)
-    return stitcher.result()
 
 
 def default_splits(store: FeatureStore, config: PipelineConfig) -> list[str]:
@@ -81,8 +60,9 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
         matrix = ConfusionMatrix(len(class_names), store.ignore_index)
         glands = GlandMetrics() if store.has_instances else None
         with progress_bar(f"evaluate {split}", len(indices), "images", show_progress) as advance:
-            for rank, index in enumerate(indices):
-                logits = predict_image(head, store, run.pairs, index, device, config.train.batch_size)
+            stitched = stitched_logits(head, store, run.pairs, indices, device, config.train.batch_size,
+                                       config.evaluate.blend, prefetch=config.train.prefetch)
+            for rank, (index, logits) in enumerate(stitched):
                 prediction = logits.argmax(axis=0).astype(np.uint8)
                 truth = store.image_labels(index)
                 matrix.update(truth, prediction)
@@ -108,6 +88,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
         "blocks": run.record["blocks"],
         "class_names": class_names,
         "ignore_index": store.ignore_index,
+        "blend": config.evaluate.blend,
         "splits": results,
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))

@@ -57,13 +57,24 @@ def pick_device(name: str) -> torch.device:
 
 
 def compute_dtype(device: torch.device, setting: str) -> torch.dtype:
-    """bfloat16 on GPUs by default (fp32 accumulation, no overflow); exact fp32 on CPU unless asked."""
+    """bfloat16 on GPUs by default (fp32 accumulation, no overflow); exact fp32 on CPU unless asked.
+
+    Never a silent float16: a GPU without bfloat16 (before Ampere) computes `auto` in float32, and an
+    explicit `bfloat16` there is refused. float16 only when asked, since it also runs the full-resolution
+    first-stage encoder in float16, where activations can overflow.
+    """
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return torch.float32
-    dtype = torch.float16 if setting == "float16" else torch.bfloat16
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return dtype
+    if setting == "float16":
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if setting == "auto":
+            return torch.float32
+        raise PathsegError(
+            f"extract.autocast is 'bfloat16' but {device} has no bfloat16 support; set extract.autocast to off "
+            "(exact float32) or float16 (faster; runs the first-stage encoder in float16 too)"
+        )
+    return torch.bfloat16
 
 
 def autocast_for(device: torch.device, setting: str):
@@ -217,15 +228,22 @@ class _Extractor:
     @torch.inference_mode()
     def features(
         self, tiles: np.ndarray | None, noise: torch.Tensor, wanted: dict[int, list[str]], z0: np.ndarray | None = None
-    ) -> tuple[dict[tuple[int, str], np.ndarray], np.ndarray | None]:
-        """Features for one batch of tiles, for every timestep -> blocks asked, and z_0 if it was computed."""
+    ) -> tuple[dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
+        """For every timestep -> blocks asked: (features in the storage dtype, each tile's largest |value| as
+        computed), and z_0 if it was computed.
+
+        The largest |value| is what lets the store tell a block float16 cannot hold from a model that made NaN.
+        On a GPU every copy to the host is asynchronous into pinned memory, with one wait per batch, so copies
+        overlap the next timestep's UNet forward instead of stalling it (item 9 of issue 11).
+        """
         images01 = _to_model_input(tiles, self.device) if tiles is not None else None
-        out: dict[tuple[int, str], np.ndarray] = {}
+        pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         computed_z0 = None
+        storage = STORAGE_DTYPES[self.config.extract.feature_dtype]
         with autocast_for(self.device, self.config.extract.autocast):
             if z0 is None:
                 latents = self.backbone.encode(images01 * 2.0 - 1.0).float()
-                computed_z0 = latents.cpu().numpy()
+                computed_z0 = _to_host(latents)
             else:
                 latents = torch.from_numpy(z0).to(self.device)
             if images01 is None:  # z_0 cached and no SSL encoder: the null context needs no pixels
@@ -240,8 +258,24 @@ class _Extractor:
                 steps = torch.full((z0.shape[0],), timestep, device=self.device, dtype=torch.long)
                 captured = FeatureCapture(self.backbone.unet, blocks)(zt, steps, context)
                 for block, value in captured.items():
-                    out[(timestep, block)] = value.to(torch.float16).cpu().numpy()
-        return out, computed_z0
+                    largest = value.detach().abs().amax(dim=tuple(range(1, value.ndim))).float()
+                    pending[(timestep, block)] = (_to_host(value.to(storage)), _to_host(largest))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        out = {key: (values.numpy(), largest.numpy()) for key, (values, largest) in pending.items()}
+        return out, (computed_z0.numpy() if computed_z0 is not None else None)
+
+
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy; from a GPU, asynchronous into pinned memory (valid once the stream is synchronised)."""
+    if tensor.device.type != "cuda":
+        return tensor.detach().contiguous()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor.detach(), non_blocking=True)
+    return host
 
 
 def uses_cluster(settings: ExtractConfig) -> bool:
@@ -282,8 +316,9 @@ def extract_shards(
         position = 0
         for shard in sorted(work):
             wanted = work[shard]
-            results: dict[tuple[int, str], list[np.ndarray]] = {(ts, b): [] for ts, blocks in wanted.items()
-                                                                for b in blocks}
+            results: dict[tuple[int, str], list[tuple[np.ndarray, np.ndarray]]] = {
+                (ts, b): [] for ts, blocks in wanted.items() for b in blocks
+            }
             new_latents = []
             while position < len(batches) and batches[position][0] == shard:
                 _, lo, hi = batches[position]
@@ -300,7 +335,8 @@ def extract_shards(
             for future in pending:
                 future.result()
             pending = [
-                writer.submit(store.write_shard, ts, b, shard, np.concatenate(chunks))
+                writer.submit(store.write_shard, ts, b, shard, np.concatenate([values for values, _ in chunks]),
+                              np.concatenate([largest for _, largest in chunks]))
                 for (ts, b), chunks in results.items()
             ]
             if new_latents and not latents_done[shard]:
@@ -363,7 +399,7 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
         for timestep, block in pairs:
             info = table[block]
             size = latent // info.downsample
-            store.ensure_feature(timestep, block, info.channels, size, size)
+            store.ensure_feature(timestep, block, info.channels, size, size, config.extract.feature_dtype)
         work: dict[int, dict[int, list[str]]] = {}
         for timestep, block in pairs:
             for shard in store.missing_shards(timestep, block):

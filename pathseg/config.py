@@ -194,6 +194,7 @@ class ExtractConfig(Section):
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    feature_dtype: Literal["float16", "float32"] = "float16"
     tiles_per_shard: int = Field(16, ge=1)
     compile: bool = False
     compression_level: int = Field(3, ge=1, le=22)
@@ -243,6 +244,7 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     splits: list[str] | None = None
+    blend: Literal["mean", "gaussian"] = "mean"
     overlays: int = Field(4, ge=0)
     min_object_area: int = Field(0, ge=0)
 

@@ -8,7 +8,7 @@ One Zarr v3 group per (dataset, backbone weights, conditioning, tiling, noise se
     tiles/labels  (n,T,T) uint8    per-tile label maps
     images/{i}/rgb, labels, instances   whole images, for stitched evaluation and overlays
     images/done   (n_images,) uint8     1 once an image's arrays are written
-    features/t{t:04d}/{block}  (n,C,h,w) float16, one tile per chunk, shards of S tiles, zstd
+    features/t{t:04d}/{block}  (n,C,h,w) float16 (or float32), one tile per chunk, shards of S tiles, zstd
     done/t{t:04d}/{block}      (n_shards,) uint8, 1 once that shard's features are written
     latents/z0    (n,c,h,w) float32     the first-stage latent of every tile (extensions skip the encoder)
     done/latents  (n_shards,) uint8
@@ -64,6 +64,22 @@ def feature_key(timestep: int, block: str) -> str:
     return f"t{timestep:04d}/{block}"
 
 
+def nonfinite_message(timestep: int, block: str, tile: int, computed: np.ndarray, dtype: str) -> str:
+    """Why a shard is refused: NaN or inf from the model, or values the storage dtype turns into inf.
+
+    `computed` is the data as the model computed it (or each tile's largest |value| of it).
+    """
+    if not np.isfinite(computed).all():
+        cause = "the backbone computed NaN or inf"
+        hint = "try extract.autocast=off (exact float32) into a new --store"
+    else:
+        limit = float(np.finfo(dtype).max)
+        cause = f"|values| up to {float(np.abs(computed).max()):.4g} exceed {dtype}'s {limit:.0f}"
+        hint = "set extract.feature_dtype=float32 and rerun; an array with finished shards keeps its dtype"
+    return (f"features t={timestep} {block} (tile {tile}): {cause}; nothing of that shard was written or flagged "
+            f"({hint})")
+
+
 @dataclass(frozen=True)
 class ImageEntry:
     """A row of the image table: enough to stitch tiles back without opening the source image."""
@@ -93,6 +109,11 @@ class FeatureInfo:
     channels: int
     height: int
     width: int
+    dtype: str = "float16"  # float32 for blocks whose values float16 cannot hold (extract.feature_dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
 
 
 class FeatureStore:
@@ -329,13 +350,20 @@ class FeatureStore:
     def has_feature(self, timestep: int, block: str) -> bool:
         return feature_key(timestep, block) in self.attrs["features"]
 
-    def ensure_feature(self, timestep: int, block: str, channels: int, height: int, width: int) -> None:
-        """Create the (timestep, block) array and its shard flags unless they exist with this shape."""
+    def ensure_feature(self, timestep: int, block: str, channels: int, height: int, width: int,
+                       dtype: str = "float16") -> None:
+        """Create the (timestep, block) array and its shard flags unless they exist with this shape.
+
+        An existing array keeps the dtype it was made with (values already written fit it), unless none of
+        its shards is written yet.
+        """
         key = feature_key(timestep, block)
         registry = dict(self.attrs["features"])
-        info = FeatureInfo(timestep, block, channels, height, width)
+        info = FeatureInfo(timestep, block, channels, height, width, dtype)
+        if key in registry and registry[key].get("dtype", "float16") != dtype and not self._any_shard_done(key):
+            del registry[key]  # nothing written yet: made again in the dtype now asked for
         if key in registry:
-            if FeatureInfo(**registry[key]) != info:
+            if FeatureInfo(**registry[key]).shape != info.shape:
                 raise PathsegError(
                     f"{self.path}: cached {key} has shape {registry[key]}, but the backbone now gives {info.__dict__}; "
                     "re-extract with --overwrite"
@@ -346,7 +374,7 @@ class FeatureStore:
         self.group.create_array(
             f"features/{key}",
             shape=(n, channels, height, width),
-            dtype="float16",
+            dtype=dtype,
             chunks=(1, channels, height, width),
             shards=(per_shard, channels, height, width),
             compressors=ZstdCodec(level=int(self.attrs["compression_level"])),
@@ -358,6 +386,9 @@ class FeatureStore:
         )
         registry[key] = info.__dict__
         self.group.attrs["features"] = registry
+
+    def _any_shard_done(self, key: str) -> bool:
+        return bool(np.asarray(self.group[f"done/{key}"][:]).any())
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.tiles_per_shard, min((shard + 1) * self.tiles_per_shard, self.n_tiles)
@@ -371,13 +402,25 @@ class FeatureStore:
         flags = np.asarray(self.group[f"done/{feature_key(timestep, block)}"][:])
         return np.flatnonzero(flags == 0).tolist()
 
-    def write_shard(self, timestep: int, block: str, shard: int, data: np.ndarray) -> None:
-        """A whole shard at once (so no two writers ever share a shard file), then its done flag."""
+    def write_shard(self, timestep: int, block: str, shard: int, data: np.ndarray,
+                    largest: np.ndarray | None = None) -> None:
+        """A whole shard at once (so no two writers ever share a shard file), then its done flag.
+
+        A shard holding NaN or inf once in the array's dtype is refused before anything is written, so fit-head
+        never meets it; `largest` (each tile's max |value| before any cast) says whether the model or the
+        storage dtype is to blame.
+        """
         key = feature_key(timestep, block)
         start, stop = self.shard_range(shard)
         if data.shape[0] != stop - start:
             raise ValueError(f"shard {shard} of {key} holds {stop - start} tiles, got {data.shape[0]}")
-        self.group[f"features/{key}"][start:stop] = data.astype(np.float16, copy=False)
+        array = self.group[f"features/{key}"]
+        stored = data.astype(array.dtype, copy=False)
+        finite = np.isfinite(stored).reshape(len(stored), -1).all(axis=1)
+        if not finite.all():
+            raise PathsegError(nonfinite_message(timestep, block, start + int(np.argmin(finite)),
+                                                 largest if largest is not None else data, str(array.dtype)))
+        array[start:stop] = stored
         _fsync_file(self.path / "features" / key / "c" / str(shard))
         self.group[f"done/{key}"][shard] = 1
         _fsync_file(self.path / "done" / key / "c" / str(shard))
@@ -510,8 +553,9 @@ class FeatureStore:
             if array is None or flags is None:
                 problems.append(f"features/{key}: recorded in attrs but its array or done flags are missing")
                 continue
-            if tuple(array.shape) != expected or str(array.dtype) != "float16":
-                problems.append(f"features/{key} is {tuple(array.shape)} {array.dtype}, attrs say {expected} float16")
+            if tuple(array.shape) != expected or str(array.dtype) != info.dtype:
+                problems.append(f"features/{key} is {tuple(array.shape)} {array.dtype}, attrs say {expected} "
+                                f"{info.dtype}")
                 continue
             if tuple(array.chunks) != (1, *expected[1:]) or tuple(flags.shape) != (self.n_shards,):
                 problems.append(f"features/{key}: chunking or done flags differ from one tile per chunk, "
@@ -556,7 +600,7 @@ class FeatureStore:
             key = feature_key(info.timestep, info.block)
             array = self.group[f"features/{key}"]
             stored = _bytes_under(self.path / "features" / key)
-            raw = int(np.prod(array.shape)) * 2
+            raw = int(np.prod(array.shape)) * array.dtype.itemsize
             missing = len(self.missing_shards(info.timestep, info.block))
             rows.append(
                 {

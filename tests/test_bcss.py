@@ -308,7 +308,8 @@ def test_large_roi_tiles_and_lazy_labels(large_bcss):
     records = bcss(large_bcss).records()
     entries, _ = plan_tiles(records, 256, 192)
     index = next(i for i, r in enumerate(records) if r.id.startswith("TCGA-E2"))
-    rgb, labels, instances, tile_labels = labels_for_tiles(records[index], entries[index], 256, 192, "reflect", IGNORE_INDEX)
+    rgb, labels, instances, tile_labels = labels_for_tiles(records[index], entries[index], 256, 192, "reflect",
+                                                           IGNORE_INDEX)
     assert instances is None and rgb.shape[:2] == labels.shape == (900, 1200)
     assert isinstance(tile_labels, TileLabels)
     assert tile_labels.shape == (entries[index].n_tiles, 256, 256) and tile_labels.dtype == np.uint8

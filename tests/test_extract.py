@@ -219,3 +219,51 @@ def test_extension_reuses_cached_latents_and_matches_a_single_run(tmp_path, monk
     for timestep, block in [(50, "up1"), (150, "up1"), (150, "up3.2")]:
         np.testing.assert_array_equal(a.read_features(timestep, block, slice(None)),
                                       b.read_features(timestep, block, slice(None)))
+
+
+def _scaled_unet_outputs(monkeypatch, scale: float) -> None:
+    """Make every captured block output `scale` times larger, as a backbone with huge activations would."""
+    from pathseg.extract import blocks
+
+    real_call = blocks.FeatureCapture.__call__
+
+    def scaled(self, *args, **kwargs):
+        return {name: value * scale for name, value in real_call(self, *args, **kwargs).items()}
+
+    monkeypatch.setattr(blocks.FeatureCapture, "__call__", scaled)
+
+
+def test_values_float16_cannot_hold_are_refused_then_stored_in_float32(tmp_path, monkeypatch):
+    """A value above 65504 would be stored as inf and give fit-head NaN logits: refuse the shard, say why."""
+    config = small_config(tmp_path, **{"extract.timesteps": [50], "extract.blocks": ["up1"]})
+    _scaled_unet_outputs(monkeypatch, 1e7)
+    with pytest.raises(PathsegError, match=r"t=50 up1 \(tile \d+\): \|values\| up to .* exceed float16's 65504") as err:
+        runner.run_extraction(config, show_progress=False)
+    assert "extract.feature_dtype=float32" in str(err.value) and "\n" not in str(err.value)
+    store = FeatureStore.open(store_path_for(config))
+    assert store.missing_shards(50, "up1") == list(range(store.n_shards))  # nothing flagged
+    wide = small_config(tmp_path, **{"extract.timesteps": [50], "extract.blocks": ["up1"],
+                                     "extract.feature_dtype": "float32"})
+    runner.run_extraction(wide, show_progress=False)
+    store = FeatureStore.open(store_path_for(wide))
+    assert store.feature_array(50, "up1").dtype == np.float32
+    assert np.isfinite(store.read_features(50, "up1", np.arange(4))).all()
+    assert store.verify()["problems"] == []
+
+
+def test_nan_from_the_model_is_refused_naming_the_block(tmp_path, monkeypatch):
+    config = small_config(tmp_path, **{"extract.timesteps": [150], "extract.blocks": ["up3.2"]})
+    _scaled_unet_outputs(monkeypatch, float("nan"))
+    with pytest.raises(PathsegError, match=r"t=150 up3.2 .*computed NaN or inf"):
+        runner.run_extraction(config, show_progress=False)
+
+
+def test_no_silent_float16_on_a_gpu_without_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    gpu = torch.device("cuda")
+    assert runner.compute_dtype(gpu, "auto") == torch.float32
+    assert runner.compute_dtype(gpu, "float16") == torch.float16
+    with pytest.raises(PathsegError, match="no bfloat16 support; set extract.autocast to off"):
+        runner.compute_dtype(gpu, "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runner.compute_dtype(gpu, "auto") == torch.bfloat16

@@ -78,6 +78,11 @@ class SSLProjector(nn.Module):
 FirstStage = VQModel | AutoencoderKL
 
 
+def latent_channels_of(first_stage_config: dict) -> int:
+    """Channels of z_0: a VQ model's pre-quantisation output has vq_embed_dim of them (when set), KL latent_channels."""
+    return int(first_stage_config.get("vq_embed_dim") or first_stage_config["latent_channels"])
+
+
 @dataclass
 class Backbone:
     unet: UNet2DConditionModel
@@ -115,6 +120,19 @@ class Backbone:
         # Standard layout whatever the encoder's convolutions returned (it can come out channels_last): the
         # UNet then computes bit-identical features from a fresh z_0 and from one read back from the store.
         return (latents * self.latent_scale).contiguous()
+
+    @property
+    def latent_channels(self) -> int:
+        return latent_channels_of(dict(self.first_stage.config))
+
+    @property
+    def latent_factor(self) -> int:
+        """Image px per latent px: each first-stage level but the last halves the image (VQ-f4: three levels)."""
+        return 2 ** (len(self.first_stage.config.block_out_channels) - 1)
+
+    def latent_shape(self, tile_size: int) -> tuple[int, int, int]:
+        size = tile_size // self.latent_factor
+        return (self.latent_channels, size, size)
 
     @property
     def latent_scale(self) -> float:

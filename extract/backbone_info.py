@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
-from pathseg.extract.backbone import Backbone, FirstStage, build_random
+from pathseg.extract.backbone import Backbone, FirstStage, build_random, latent_channels_of
 from pathseg.extract.blocks import BLOCK, LAYER, block_table, canonical_block
 from pathseg.extract.ldm_checkpoint import backbone_configs_from_yaml, read_ldm_yaml
 from torch.utils.flop_counter import FlopCounterMode
@@ -109,6 +109,22 @@ class PartConfigs:
     def latent_factor(self) -> int:
         levels = self.first_stage["block_out_channels"] if self.first_stage else [0, 0, 0]
         return _latent_factor(None, list(levels))
+
+    def latent_channels(self, name: str) -> int:
+        """z_0's channels, checked against what the UNet takes, so a mismatched backbone fails before any work."""
+        if self.first_stage is None:
+            raise PathsegError(f"backbone {name}: first_stage/config.json is missing; the latent shape is unknown")
+        channels = latent_channels_of(self.first_stage)
+        if int(self.unet["in_channels"]) != channels:
+            raise PathsegError(
+                f"backbone {name}: its first stage makes {channels}-channel latents but its UNet takes "
+                f"{self.unet['in_channels']} channels; the two parts do not belong together"
+            )
+        return channels
+
+    def tile_multiple(self) -> int:
+        """Tiles must divide into whole latent pixels, then survive every UNet downsampling."""
+        return self.latent_factor * 2 ** (len(self.unet["block_out_channels"]) - 1)
 
 
 def part_configs(name: str, config_path: Path | str | None = None) -> PartConfigs:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pathseg.extract.backbone import Backbone, backbone_fingerprint, load_backbone, unet_config_for
+from pathseg.extract.backbone import Backbone, backbone_fingerprint, load_backbone
+from pathseg.extract.backbone_info import part_configs
 from pathseg.extract.blocks import FeatureCapture, UNetLayout, block_table, canonical_block
 from pathseg.extract.conditioning import build_conditioning, weights_digest
 from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, store_ignore_index, tile_noise
@@ -27,8 +28,6 @@ from pathseg.errors import PathsegError
 from pathseg.locking import store_lock
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore, digest, feature_key, remove_partial_files, store_path_for
-
-LATENT_CHANNELS = 3  # VQ-f4's z_0 (and so the noise) has 3 channels
 
 
 @dataclass
@@ -293,11 +292,11 @@ def extract_shards(
     """
     config = extractor.config
     batch = config.extract.batch_size
-    latent = config.tiling.tile_size // 4
+    latent_shape = extractor.backbone.latent_shape(config.tiling.tile_size)
     latents_done = store.latent_shards_done()
 
     def load(shard: int, lo: int, hi: int) -> tuple[np.ndarray | None, torch.Tensor, np.ndarray | None]:
-        noise = tile_noise(config.extract.noise_seed, source.noise_keys(lo, hi), (LATENT_CHANNELS, latent, latent))
+        noise = tile_noise(config.extract.noise_seed, source.noise_keys(lo, hi), latent_shape)
         z0 = store.read_latents(lo, hi) if latents_done[shard] else None
         tiles = source.tiles(lo, hi) if z0 is None or extractor.needs_pixels else None
         return tiles, noise, z0
@@ -370,7 +369,15 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
     records = dataset.records()
     if not records:
         raise PathsegError(f"dataset {config.dataset.name!r} has no images for splits {config.dataset.splits}")
-    layout = UNetLayout.of(unet_config_for(config.backbone.name, config.backbone.config))
+    parts = part_configs(config.backbone.name, config.backbone.config)
+    latent_channels = parts.latent_channels(config.backbone.name)
+    if config.tiling.tile_size % parts.tile_multiple():
+        raise PathsegError(
+            f"tiling.tile_size {config.tiling.tile_size} does not fit backbone {config.backbone.name}: its "
+            f"f{parts.latent_factor} first stage and {len(parts.unet['block_out_channels']) - 1} UNet downsamplings "
+            f"need a multiple of {parts.tile_multiple()}"
+        )
+    layout = UNetLayout.of(parts.unet)
     pairs = requested_arrays(config, layout)
     identity = store_identity(config, dataset.identity())
     fingerprint = digest(identity)
@@ -395,7 +402,7 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
                                 config.extract.autocast, f"on {device.type}")
         table = block_table(layout)
         store.record_block_aliases(block_aliases(layout))
-        latent = config.tiling.tile_size // 4
+        latent = config.tiling.tile_size // parts.latent_factor
         for timestep, block in pairs:
             info = table[block]
             size = latent // info.downsample
@@ -412,7 +419,7 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
         if cluster is not None:
             latents_done = store.latent_shards_done()
             if not all(latents_done[s] for s in work):
-                store.ensure_latents((LATENT_CHANNELS, latent, latent))  # here, so no two workers create it
+                store.ensure_latents((latent_channels, latent, latent))  # here, so no two workers create it
             cluster.extract(config, path, work, total_tiles)
         else:
             backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed)

@@ -183,6 +183,13 @@ def fit_head_command(
     fit_head(cfg, store_path=store, run_dir=run_dir, show_progress=not quiet)
 
 
+RUN_FIXED_SECTIONS = ("dataset", "backbone", "conditioning", "tiling", "extract", "head")  # a run fixes these
+ScoredStoreOption = Annotated[
+    Path | None, typer.Option("--store", help="feature store to score (default: the run's own; another store must be "
+                                              "extracted the same way)")
+]
+
+
 @app.command()
 def evaluate(
     run: Annotated[
@@ -197,13 +204,23 @@ def evaluate(
     head_timesteps: HeadTimestepsOption = None,
     head_blocks: HeadBlocksOption = None,
     splits: SplitsOption = None,
-    store: StoreOption = None,
+    store: ScoredStoreOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Stitch tile predictions into whole images and report pixel and object metrics."""
     from pathseg.train_head.evaluate import evaluate_run
     from pathseg.train_head.runs import default_run_dir, locate_store, resolve_features
 
+    selectors = {"--dataset": dataset, "--data-root": data_root, "--backbone": backbone,
+                 "--backbone-config": backbone_config, "--head-timesteps": head_timesteps, "--head-blocks": head_blocks}
+    given = [flag for flag, value in selectors.items() if value is not None]
+    given += [f"--set {item.split('=', 1)[0]}" for item in set_ or []
+              if item.split("=", 1)[0].strip().split(".")[0] in RUN_FIXED_SECTIONS]
+    if run is not None and given:
+        raise PathsegError(
+            f"{', '.join(given)} pick which run to score, but RUN {run} is given and fixes its features and data; "
+            "drop them, or pass --store to score RUN on another store extracted the same way"
+        )
     cfg = build_config(
         config,
         set_,
@@ -218,7 +235,7 @@ def evaluate(
     if run is None:
         feature_store = locate_store(cfg, store)
         run = default_run_dir(cfg, feature_store, resolve_features(cfg, feature_store))
-    evaluate_run(cfg, run, show_progress=not quiet)
+    evaluate_run(cfg, run, store_path=store, show_progress=not quiet)
 
 
 @app.command("run")

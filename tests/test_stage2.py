@@ -192,3 +192,37 @@ def test_default_run_beats_all_background(tmp_path):
     assert metrics["pixel_accuracy"] > background_share
     assert metrics["miou"] > all_background_miou + 0.15
     assert metrics["per_class"]["gland"]["iou"] > 0.3
+
+
+def test_evaluate_with_a_run_refuses_flags_that_would_pick_another(extracted_small, tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_cli
+
+    config, _ = extracted_small
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"})
+    result = fit_head(config, show_progress=False)
+    capsys.readouterr()
+    for flags in (["--head-blocks", "up1"], ["--dataset", "glas"], ["--set", "head.width=8"]):
+        code, _, err = run_cli(monkeypatch, capsys, "evaluate", str(result.run_dir), "--quiet", *flags)
+        named = flags[1].split("=")[0] if flags[0] == "--set" else flags[0]
+        assert code == 2 and named in err and "RUN" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_scores_a_run_on_another_store_extracted_the_same_way(extracted_small, tmp_path):
+    from pathseg.extract.runner import run_extraction
+
+    from tests.conftest import small_config
+
+    config, _ = extracted_small
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"})
+    result = fit_head(config, show_progress=False)
+    few = {"dataset.synthetic.train": 1, "dataset.synthetic.val": 0, "dataset.synthetic.test": 1}
+    other = small_config(tmp_path / "other", **{"dataset.synthetic.seed": 7, **few})
+    other_store = run_extraction(other, show_progress=False).store
+    evaluation = evaluate_run(config, result.run_dir, store_path=other_store, show_progress=False)
+    assert evaluation.directory.name == f"eval-{other_store.stem}"
+    assert evaluation.metrics["store"] == str(other_store) and evaluation.metrics["splits"]["test"]["images"] == 1
+    retiled = small_config(tmp_path / "retiled", **{"tiling.stride": 64, **few})
+    retiled_store = run_extraction(retiled, show_progress=False).store
+    with pytest.raises(PathsegError, match=r"not extracted like run .*\(differs in tiling\)"):
+        evaluate_run(config, result.run_dir, store_path=retiled_store, show_progress=False)

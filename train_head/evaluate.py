@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pathseg.train_head.fit import pick_device
 from pathseg.train_head.overlays import save_overlay
-from pathseg.train_head.runs import Run, atomic_write_text, load_run
+from pathseg.train_head.runs import Run, atomic_write_text, extraction_identity, load_run
 from pathseg.train_head.stitching import stitched_logits
 from pathseg.train_head.tables import metrics_markdown, metrics_text
 
@@ -36,14 +36,36 @@ class EvaluationResult:
     metrics: dict
 
 
+def open_scored_store(run: Run, store_path: Path | None) -> FeatureStore:
+    """The run's own store, or another one made with the same extraction (other images, same features)."""
+    own = Path(run.record["store"])
+    if store_path is None or Path(store_path).resolve() == own.resolve():
+        store = FeatureStore.open(own)
+        if store.fingerprint != run.record["store_fingerprint"]:
+            raise PathsegError(f"{store.path} was re-extracted since run {run.directory} was trained (fingerprint "
+                               "changed); refit the head")
+        return store
+    store = FeatureStore.open(Path(store_path))
+    expected = run.record.get("extraction")
+    if expected is None and (own / "zarr.json").exists():
+        expected = extraction_identity(FeatureStore.open(own))
+    if expected is None:
+        raise PathsegError(f"run {run.directory} does not record its extraction and its store {own} is gone, so "
+                           f"{store.path} cannot be checked against it; refit the head on {store.path}")
+    found = extraction_identity(store)
+    differing = [key for key in expected if expected[key] != found.get(key)]
+    if differing:
+        raise PathsegError(f"{store.path} was not extracted like run {run.directory}'s store (differs in "
+                           f"{', '.join(differing)}); its features would mean something else to this head")
+    return store
+
+
 def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] | None = None,
-                 show_progress: bool = True) -> EvaluationResult:
+                 store_path: Path | None = None, show_progress: bool = True) -> EvaluationResult:
+    """Score a run on its own store, or (`store_path`) on another store extracted the same way."""
     run = run if isinstance(run, Run) else load_run(run)
-    store = FeatureStore.open(Path(run.record["store"]))
-    if store.fingerprint != run.record["store_fingerprint"]:
-        raise PathsegError(
-            f"{store.path} was re-extracted since run {run.directory} was trained (fingerprint changed); refit the head"
-        )
+    store = open_scored_store(run, store_path)
+    own_store = store.fingerprint == run.record["store_fingerprint"]
     store.require(run.pairs)
     splits = splits or config.evaluate.splits or default_splits(store, config)
     unknown = [s for s in splits if s not in store.splits()]
@@ -52,7 +74,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     device = pick_device(config.train.device)
     head = run.load_head(device)
     class_names = store.class_names
-    out_dir = run.directory / "eval"
+    out_dir = run.directory / ("eval" if own_store else f"eval-{store.path.stem}")
     results: dict[str, dict] = {}
     images = store.images
     for split in splits:

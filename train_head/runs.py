@@ -46,6 +46,20 @@ def resolve_features(config: PipelineConfig, store: FeatureStore) -> list[tuple[
     return pairs
 
 
+def extraction_identity(store: FeatureStore) -> dict:
+    """What a head's inputs depend on, apart from which images were tiled: a head trained on one store scores
+    another only where all of this agrees."""
+    identity = store.attrs["identity"]
+    return {
+        "backbone": identity.get("backbone"),
+        "conditioning": identity.get("conditioning"),
+        "tiling": identity.get("tiling"),
+        "noise_seed": identity.get("noise_seed"),
+        "compute_precision": store.compute_precision,
+        "class_names": store.class_names,
+    }
+
+
 def locate_store(config: PipelineConfig, explicit: Path | None = None) -> FeatureStore:
     path = Path(explicit) if explicit is not None else store_path_for(config)
     if not (path / "zarr.json").exists():

@@ -15,12 +15,13 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from pathseg.extract.tiles import TileSource
 
-from pathseg.config import ExtractConfig, PipelineConfig
+from pathseg.config import ExtractConfig, PipelineConfig, with_absolute_paths
 from pathseg.datasets import build_dataset
 from pathseg.errors import PathsegError
 from pathseg.progress import progress_bar
@@ -97,7 +98,8 @@ class ExtractionCluster:
         return len(self.client.scheduler_info()["workers"])
 
     def precision(self) -> str:
-        """The precision every worker would compute in; they must agree, or one store would mix them."""
+        """The precision every worker would compute in on its own device; they must agree, or one store would
+        mix them."""
         answers = self.client.run(worker_precision, self.settings.device, self.settings.autocast)
         found = sorted(set(answers.values()))
         if len(found) != 1:
@@ -112,6 +114,8 @@ class ExtractionCluster:
                 total_tiles: int) -> None:
         """Spread the shards over the workers in tasks of a few shards each, and wait for all of them."""
         distributed = _distributed()
+        config = with_absolute_paths(config)  # workers may run in another working directory, or on another host
+        store_path = Path(store_path).resolve()
         shards = sorted(work)
         workers = max(1, self.n_workers)
         per_task = max(1, min(SHARDS_PER_TASK_MAX, math.ceil(len(shards) / (4 * workers))))
@@ -143,27 +147,38 @@ def wait_all(completed, advance: Callable[[int], object], killed_worker: type[Ex
             ) from None
 
 
-def worker_device(setting: str) -> torch.device:
-    """`cuda` without an index means this worker's own GPU: local workers are named 0, 1, ... in order."""
+def worker_slot(dask_worker=None) -> int:
+    """This worker's index among local workers (named 0, 1, ...): which GPU `cuda` means for it.
+
+    `client.run` hands the worker in as `dask_worker` (distributed's `get_worker()` only works inside a task);
+    inside a task it is looked up.
+    """
+    if dask_worker is None:
+        try:
+            from distributed import get_worker
+
+            dask_worker = get_worker()
+        except (ImportError, ValueError):
+            return 0
+    name = dask_worker.name
+    return name if isinstance(name, int) else int(name) if str(name).isdigit() else 0
+
+
+def worker_device(setting: str, dask_worker=None) -> torch.device:
+    """`cuda` without an index means this worker's own GPU."""
     from pathseg.extract.runner import pick_device
 
     device = pick_device(setting)
     if device.type == "cuda" and device.index is None:
-        try:
-            from distributed import get_worker
-
-            name = get_worker().name
-        except (ImportError, ValueError):
-            name = 0
-        slot = name if isinstance(name, int) else int(name) if str(name).isdigit() else 0
-        device = torch.device("cuda", slot % torch.cuda.device_count())
+        device = torch.device("cuda", worker_slot(dask_worker) % torch.cuda.device_count())
     return device
 
 
-def worker_precision(device_setting: str, autocast: str) -> str:
+def worker_precision(device_setting: str, autocast: str, dask_worker=None) -> str:
+    """Run through `client.run` on every worker, each answering for its own device."""
     from pathseg.extract.runner import resolved_precision
 
-    return resolved_precision(worker_device(device_setting), autocast)
+    return resolved_precision(worker_device(device_setting, dask_worker), autocast)
 
 
 def extract_task(config: PipelineConfig, store_path: str, work: dict[int, dict[int, list[str]]],
@@ -176,9 +191,7 @@ def extract_task(config: PipelineConfig, store_path: str, work: dict[int, dict[i
     store = FeatureStore.open(store_path, mode="a")
     extractor = _extractor(config, worker_device(config.extract.device))
     extractor.config = config
-    t = config.tiling
-    source = TileSource(_records(config, store), store.images, t.tile_size, t.stride, t.pad_mode)
-    extract_shards(extractor, store, source, work, advance=lambda _n: None)
+    extract_shards(extractor, store, _source(config, store), work, advance=lambda _n: None)
     return store.tiles_in(work)
 
 
@@ -197,6 +210,18 @@ def _extractor(config: PipelineConfig, device: torch.device):
                                                 config, device)
         _worker_state["extractor_key"] = key
     return _worker_state["extractor"]
+
+
+def _source(config: PipelineConfig, store: FeatureStore) -> TileSource:
+    """One tile source per worker and store, so the images it decoded last serve the next task too: a large ROI
+    cut over several tasks is decoded and resampled once per worker, not once per task."""
+    key = digest({"records": config.dataset.model_dump(mode="json"), "store": str(store.path),
+                  "fingerprint": store.fingerprint, "tiling": config.tiling.model_dump(mode="json")})
+    if _worker_state.get("source_key") != key:
+        t = config.tiling
+        _worker_state["source"] = TileSource(_records(config, store), store.images, t.tile_size, t.stride, t.pad_mode)
+        _worker_state["source_key"] = key
+    return _worker_state["source"]
 
 
 def _records(config: PipelineConfig, store: FeatureStore) -> list:

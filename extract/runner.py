@@ -66,7 +66,7 @@ def compute_dtype(device: torch.device, setting: str) -> torch.dtype:
         return torch.float32
     if setting == "float16":
         return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not _bf16_supported_on(device):
         if setting == "auto":
             return torch.float32
         raise PathsegError(
@@ -74,6 +74,12 @@ def compute_dtype(device: torch.device, setting: str) -> torch.dtype:
             "(exact float32) or float16 (faster; runs the first-stage encoder in float16 too)"
         )
     return torch.bfloat16
+
+
+def _bf16_supported_on(device: torch.device) -> bool:
+    """On this GPU, not the current one: each dask worker answers for its own device."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported()
 
 
 def autocast_for(device: torch.device, setting: str):

@@ -325,3 +325,29 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
+
+
+PRESET_BACKBONES = ("tiny", "paper-random")
+
+
+def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
+    """A copy whose file settings are absolute, as this process resolves them.
+
+    For work that runs elsewhere (dask workers in another working directory or on another host with the same
+    mounts): there, a relative `cache`, data root or backbone folder would mean another place.
+    """
+    absolute = config.model_copy(deep=True)
+
+    def resolve(path: Path | None) -> Path | None:
+        return None if path is None else Path(path).expanduser().resolve()
+
+    absolute.cache_dir = resolve(config.cache_dir)
+    absolute.runs_dir = resolve(config.runs_dir)
+    absolute.dataset.root = resolve(config.dataset.root)
+    if config.backbone.name not in PRESET_BACKBONES:
+        absolute.backbone.name = str(resolve(Path(config.backbone.name)))
+    absolute.backbone.config = resolve(config.backbone.config)
+    c = absolute.conditioning
+    c.encoder_weights = resolve(config.conditioning.encoder_weights)
+    c.region_encoder_weights = resolve(config.conditioning.region_encoder_weights)
+    return absolute

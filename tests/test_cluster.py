@@ -146,3 +146,71 @@ def test_extraction_on_a_running_scheduler(tmp_path):
     np.testing.assert_allclose(store.read_features(50, "up1", slice(None)).astype(np.float32),
                                FeatureStore.open(reference.store).read_features(50, "up1", slice(None)),
                                rtol=2e-3, atol=2e-3)
+
+
+def test_workers_started_in_another_directory_get_absolute_paths(tmp_path, monkeypatch):
+    """Relative `cache_dir` and data root are the coordinator's; workers resolving them in their own working
+    directory would look for the store somewhere else."""
+    import logging
+
+    from tests.conftest import write_glas_fixture
+
+    elsewhere = tmp_path / "workers-home"
+    elsewhere.mkdir()
+    project = tmp_path / "project"
+    write_glas_fixture(project / "glas", per_split={"train": 2, "testA": 1}, size=(90, 120))
+    environ = dict(os.environ)
+    monkeypatch.chdir(elsewhere)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as running:
+        monkeypatch.chdir(project)
+        config = small_config(tmp_path, **{"extract.scheduler": running.scheduler_address, "cache_dir": "cache",
+                                           "dataset.name": "glas", "dataset.root": "glas",
+                                           "extract.timesteps": [50], "extract.blocks": ["up1"]})
+        summary = runner.run_extraction(config, show_progress=False)
+    os.environ.clear()
+    os.environ.update(environ)
+    store = FeatureStore.open(project / summary.store)
+    assert store.info()["complete"] and not (elsewhere / "cache").exists()
+
+
+def test_each_worker_answers_for_its_own_device():
+    """`client.run` hands each worker to the function; get_worker() would fail there and every worker be cuda:0."""
+    import logging
+
+    environ = dict(os.environ)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as running, distributed.Client(running) as client:
+        slots = client.run(cluster_module.worker_slot)
+    os.environ.clear()
+    os.environ.update(environ)
+    assert sorted(slots.values()) == [0, 1]
+
+
+def test_a_worker_decodes_an_image_once_across_tasks(tmp_path, monkeypatch):
+    from pathseg.extract import tiles
+
+    config = small_config(tmp_path, **{"extract.tiles_per_shard": 2, "extract.timesteps": [50],
+                                       "extract.blocks": ["up1"], "dataset.synthetic.train": 1,
+                                       "dataset.synthetic.val": 0, "dataset.synthetic.test": 0})
+    path = runner.run_extraction(config, show_progress=False).store
+    store = FeatureStore.open(path, mode="a")
+    assert store.images[0].n_tiles == 4 and store.n_shards == 2  # both shards cut the one image
+    store.ensure_feature(150, "up1", 96, 16, 16)
+    store.group["done/latents"][:] = 0  # as on a first extraction: z_0 comes from the pixels
+    decoded = []
+
+    class CountingView(tiles.PaddedView):
+        def __init__(self, array, *args, **kwargs):
+            decoded.append(array.shape)
+            super().__init__(array, *args, **kwargs)
+
+    monkeypatch.setattr(tiles, "PaddedView", CountingView)
+    monkeypatch.setattr(cluster_module, "_worker_state", {})
+    later = small_config(tmp_path, **{"extract.tiles_per_shard": 2, "extract.timesteps": [50, 150],
+                                      "extract.blocks": ["up1"], "dataset.synthetic.train": 1,
+                                      "dataset.synthetic.val": 0, "dataset.synthetic.test": 0})
+    for shard in (0, 1):
+        assert cluster_module.extract_task(later, str(path), {shard: {150: ["up1"]}}, None) == 2
+    assert len(decoded) == 1
+    assert not FeatureStore.open(path).missing_shards(150, "up1")

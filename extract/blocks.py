@@ -114,38 +114,64 @@ def _tensor(output: object) -> torch.Tensor:
 
 
 class FeatureCapture:
-    """Runs the UNet with forward hooks on the chosen blocks and returns their outputs."""
+    """The outputs of chosen blocks, from forward hooks registered once and kept until `close`.
 
-    def __init__(self, unet: UNet2DConditionModel, names: list[str]) -> None:
+    Hooks stay for the capture's life, so a `torch.compile`d UNet sees the same modules on every call and
+    compiles once (hooks added and removed per call made it recompile each time). Without compile the last
+    hook needed stops the forward pass by raising; under compile that exception would break the graph, so
+    the pass runs to the end instead (for the default blocks, whose last is the decoder's last layer, that is
+    only the output convolution).
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, names: list[str], stop_early: bool | None = None) -> None:
         table = block_table(unet)
         self.unet = unet
-        self.names = [canonical_block(n, unet) for n in names]
+        self.names = list(dict.fromkeys(canonical_block(n, unet) for n in names))
         self.last = max(self.names, key=lambda n: table[n].order)
+        self.stop_early = not is_compiled(unet) if stop_early is None else stop_early
+        self._captured: dict[str, torch.Tensor] = {}
+        self._active = False  # hooks of another capture on the same UNet stay silent while this one runs
+        self._handles = [block_module(unet, name).register_forward_hook(self._hook_for(name)) for name in self.names]
+
+    def _hook_for(self, name: str):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            if not self._active:
+                return
+            self._captured[name] = _tensor(output)
+            if self.stop_early and name == self.last:
+                raise _Enough
+
+        return hook
 
     def __call__(
         self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
-
-        def hook_for(name: str):
-            def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-                captured[name] = _tensor(output)
-                if name == self.last:
-                    raise _Enough
-
-            return hook
-
-        for name in dict.fromkeys(self.names):
-            handles.append(block_module(self.unet, name).register_forward_hook(hook_for(name)))
+        if not self._handles:
+            raise RuntimeError("this FeatureCapture was closed")
+        self._captured, self._active = {}, True
         try:
             self.unet(latents, timesteps, encoder_hidden_states=context, return_dict=False)
         except _Enough:
             pass
         finally:
-            for handle in handles:
-                handle.remove()
+            self._active = False
+        captured, self._captured = self._captured, {}
         missing = [n for n in self.names if n not in captured]
         if missing:
             raise RuntimeError(f"blocks {missing} were never reached in the UNet's forward pass")
         return {n: captured[n] for n in self.names}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> FeatureCapture:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return hasattr(module, "_orig_mod")  # torch.compile's OptimizedModule wraps the original module

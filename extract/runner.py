@@ -224,6 +224,18 @@ class _Extractor:
         self.config = config
         self.device = device
         self.scheduler_alphas = backbone.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        self._capture: FeatureCapture | None = None
+
+    def capture(self, blocks: list[str]) -> FeatureCapture:
+        """One capture for every block asked so far: its hooks stay put, so a compiled UNet compiles once
+        (a new block set costs one recompile), and timesteps that want fewer blocks just ignore the rest."""
+        wanted = set(blocks)
+        if self._capture is None or not wanted <= set(self._capture.names):
+            names = sorted(wanted | set(self._capture.names if self._capture else []))
+            if self._capture is not None:
+                self._capture.close()
+            self._capture = FeatureCapture(self.backbone.unet, names)
+        return self._capture
 
     @property
     def needs_pixels(self) -> bool:
@@ -261,8 +273,9 @@ class _Extractor:
                 abar = self.scheduler_alphas[timestep]
                 zt = abar.sqrt() * z0 + (1.0 - abar).sqrt() * noise
                 steps = torch.full((z0.shape[0],), timestep, device=self.device, dtype=torch.long)
-                captured = FeatureCapture(self.backbone.unet, blocks)(zt, steps, context)
-                for block, value in captured.items():
+                captured = self.capture(blocks)(zt, steps, context)
+                for block in blocks:
+                    value = captured[block]
                     largest = value.detach().abs().amax(dim=tuple(range(1, value.ndim))).float()
                     pending[(timestep, block)] = (_to_host(value.to(storage)), _to_host(largest))
         if self.device.type == "cuda":

@@ -81,3 +81,25 @@ def test_null_context_is_the_projector_biases(tiny):
     context = tiny.projector.null_context(1)
     torch.testing.assert_close(context[0, 0], tiny.projector.patch_fc.bias)
     torch.testing.assert_close(context[0, 1], tiny.projector.region_fc.bias)
+
+
+def test_hooks_are_registered_once_and_captures_on_one_unet_do_not_interfere(tiny):
+    """A compiled UNet recompiled whenever hooks changed; two live captures must not stop each other early."""
+    latents, steps = torch.randn(1, 3, 32, 32), torch.tensor([10])
+    context = tiny.projector.null_context(1)
+    early = FeatureCapture(tiny.unet, ["up1"])
+    late = FeatureCapture(tiny.unet, ["up3.2", "mid"])
+    module = block_module(tiny.unet, "up1")
+    hooks = len(module._forward_hooks)
+    with torch.inference_mode():
+        for _ in range(2):
+            assert set(late(latents, steps, context)) == {"up3.2", "mid"}  # early's hook on up1 stays silent
+            assert set(early(latents, steps, context)) == {"up1"}
+        assert len(module._forward_hooks) == hooks
+        with FeatureCapture(tiny.unet, ["up1", "up3.2"], stop_early=False) as whole_pass:
+            full = whole_pass(latents, steps, context)
+        torch.testing.assert_close(full["up3.2"], late(latents, steps, context)["up3.2"])
+    early.close()
+    assert len(module._forward_hooks) == hooks - 1
+    with pytest.raises(RuntimeError, match="closed"):
+        early(latents, steps, context)

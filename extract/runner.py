@@ -78,7 +78,9 @@ def compute_dtype(device: torch.device, setting: str) -> torch.dtype:
 
 def _bf16_supported_on(device: torch.device) -> bool:
     """On this GPU, not the current one: each dask worker answers for its own device."""
-    with torch.cuda.device(device):
+    if device.index is None:
+        return torch.cuda.is_bf16_supported()
+    with torch.cuda.device(device.index):
         return torch.cuda.is_bf16_supported()
 
 

@@ -238,6 +238,28 @@ def evaluate(
     evaluate_run(cfg, run, store_path=store, show_progress=not quiet)
 
 
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="run directory of `pathseg fit-head`")],
+    inputs: Annotated[list[str], typer.Argument(help="images, folders of images, or globs")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the outputs (one subfolder per image)")],
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", help="the run's backbone at another path (if it moved)")
+    ] = None,
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", help="microns per pixel of the inputs (default: the training mpp)")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Segment new images with a trained head: label map PNG, overlay with legend, per-class areas."""
+    from pathseg.predict.command import predict_images
+
+    summary = predict_images(run, inputs, out, backbone=backbone, mpp=mpp, device=device, show_progress=not quiet)
+    say(f"predicted {len(summary.written)} images into {out}" +
+        (f" ({len(summary.skipped)} already done)" if summary.skipped else ""))
+
+
 @app.command("run")
 def run_all(
     config: ConfigOption = None,

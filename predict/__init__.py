@@ -1,0 +1,1 @@
+"""Segment new images with a trained head: the backbone and the head on the fly, nothing cached."""

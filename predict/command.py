@@ -1,0 +1,94 @@
+"""`pathseg predict RUN INPUT... --out DIR` for plain images: label map, overlay and area table per image.
+
+An image is taken to be at the resolution the head was trained at, unless `--mpp` says what it is; then
+it is resampled to the training resolution, predicted, and the labels brought back to its own size.
+Each image's files appear whole (renamed into place), its area table last, so a rerun skips the images
+that are finished and redoes any that a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pathseg.predict.images import expand_inputs, read_rgb, resample, resize_labels
+from pathseg.predict.outputs import area_rows, write_area_table, write_label_map, write_overlay
+from pathseg.predict.predictor import Predictor
+
+from pathseg.errors import PathsegError
+from pathseg.progress import progress_bar, say
+
+FINISHED_MARK = "areas.csv"  # written last: its presence means every file of that image is whole
+
+
+@dataclass
+class PredictionSummary:
+    written: list[Path]
+    skipped: list[Path]
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PathsegError(f"--out {out} cannot be created ({error.strerror}); choose a folder you can write") from None
+    if not os.access(out, os.W_OK):
+        raise PathsegError(f"--out {out} is not writable; choose a folder you can write")
+
+
+def _output_names(paths: list[Path]) -> dict[Path, str]:
+    names: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in names:
+            raise PathsegError(f"{path} and {names[path.stem]} would write the same outputs ({path.stem}/); "
+                               "predict them into different --out folders")
+        names[path.stem] = path
+    return {path: stem for stem, path in names.items()}
+
+
+def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str | None = None,
+                   mpp: float | None = None, device: str | None = None,
+                   show_progress: bool = True) -> PredictionSummary:
+    paths = expand_inputs(inputs)
+    names = _output_names(paths)
+    out = Path(out)
+    _check_writable(out)
+    todo = [p for p in paths if not (out / names[p] / FINISHED_MARK).exists()]
+    skipped = [p for p in paths if p not in todo]
+    if skipped:
+        say(f"{len(skipped)} of {len(paths)} images already predicted in {out}: skipped")
+    if not todo:
+        return PredictionSummary([], skipped)
+    predictor = Predictor(Path(run_dir), backbone=backbone, device=device)
+    if mpp is not None and predictor.mpp is None:
+        raise PathsegError(f"--mpp {mpp} given, but run {run_dir} does not know the resolution it was trained at "
+                           f"(dataset {predictor.config.dataset.name!r}); leave --mpp out to take images as they are")
+    written = []
+    for path in todo:
+        rgb = read_rgb(path)
+        scale = mpp / predictor.mpp if mpp is not None else 1.0
+        working = resample(rgb, scale) if scale != 1.0 else rgb
+        grid_tiles = _tile_count(working.shape[:2], predictor)
+        with progress_bar(path.name, grid_tiles, "tiles", show_progress) as advance:
+            logits = predictor.image_logits(working, path.stem, advance)
+        labels = logits.argmax(axis=0).astype(np.uint8)
+        if labels.shape != rgb.shape[:2]:
+            labels = resize_labels(labels, rgb.shape[:2])
+        folder = out / names[path]
+        write_label_map(folder / "labels.png", labels)
+        write_overlay(folder / "overlay.png", rgb, labels, predictor.class_names)
+        rows = area_rows(labels, predictor.class_names, mpp if mpp is not None else predictor.mpp)
+        write_area_table(folder / FINISHED_MARK, rows)
+        shares = ", ".join(f"{row['class']} {100 * row['fraction']:.1f}%" for row in rows)
+        say(f"{path.name}: {shares} -> {folder}")
+        written.append(folder)
+    return PredictionSummary(written, skipped)
+
+
+def _tile_count(shape: tuple[int, int], predictor: Predictor) -> int:
+    from pathseg.tiling import tile_grid
+
+    t = predictor.config.tiling
+    return len(tile_grid(shape[0], shape[1], t.tile_size, t.stride))

@@ -1,0 +1,56 @@
+"""Plain images (PNG, JPEG, TIFF, BMP) to segment, found from files, folders and globs."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pathseg.errors import PathsegError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given, folders' images (sorted), globs' matches; each path once, in order."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(item):
+            found += sorted(Path(p) for p in glob.glob(item) if Path(p).is_file())
+        else:
+            raise PathsegError(f"{item} does not exist; give image files, folders of images or a glob")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise PathsegError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    unsupported = [p for p in unique if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if unsupported:
+        raise PathsegError(f"{unsupported[0]}: not a supported image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return unique
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8, whatever the file's mode (grey, RGBA, palette, 16-bit)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise PathsegError(f"{path}: cannot be read as an image ({str(error).splitlines()[0]})") from None
+
+
+def resample(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """An image `scale` times its size (area-like downsampling, bicubic upsampling)."""
+    height, width = (max(1, round(side * scale)) for side in rgb.shape[:2])
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(rgb).resize((width, height), method))
+
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((shape[1], shape[0]), Image.Resampling.NEAREST))

@@ -1,0 +1,107 @@
+"""A fit-head run turned into a segmenter: the run's head on the exact features its store holds.
+
+Everything that decides a feature value is taken from the run and its store: backbone, conditioning,
+tiling and padding, noise seed, timesteps and blocks, the precision the store was computed in, and the
+storage rounding (float16 unless the store kept float32). So on an image that is in the store, the
+label map equals `evaluate`'s; on a new image it is what `evaluate` would have scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from pathseg.extract.backbone import load_backbone
+from pathseg.extract.runner import _Extractor, pick_device, prepare_for_device
+from pathseg.extract.tiles import PaddedView, tile_noise
+from pathseg.train_head.runs import Run, load_run
+
+from pathseg.config import PRESET_BACKBONES, PipelineConfig
+from pathseg.errors import PathsegError
+from pathseg.tiling import Stitcher, tile_grid
+
+AUTOCAST_OF_PRECISION = {"float32": "off", "bfloat16": "bfloat16", "float16": "float16"}
+GLAS_MPP = 0.62005
+
+
+def training_mpp(config: PipelineConfig) -> float | None:
+    """Microns per pixel of the images the head was trained on, where the dataset says."""
+    if config.dataset.name == "glas":
+        return GLAS_MPP
+    if config.dataset.name == "bcss":
+        return config.dataset.bcss.mpp
+    return None
+
+
+def run_config(run: Run, backbone: str | None, device: str | None) -> PipelineConfig:
+    """The run's pipeline config, with the store's precision and, when given, another path to the backbone."""
+    config = PipelineConfig.model_validate(run.record["config"])
+    if backbone is not None:
+        config.backbone.name = backbone
+    name = config.backbone.name
+    if name not in PRESET_BACKBONES and not Path(name).exists():
+        raise PathsegError(f"run {run.directory} was made with backbone {name}, which no longer exists; pass "
+                           "--backbone with its new path")
+    precision = run.record.get("store_compute_precision") or "float32"
+    config.extract.autocast = AUTOCAST_OF_PRECISION[precision]
+    if device is not None:
+        config.extract.device = device
+    return config
+
+
+class Predictor:
+    """Logits of whole images: tiles -> backbone features (rounded as stored) -> head -> blended."""
+
+    def __init__(self, run_dir: Path, *, backbone: str | None = None, device: str | None = None,
+                 batch_size: int | None = None) -> None:
+        self.run = load_run(run_dir)
+        self.config = run_config(self.run, backbone, device)
+        self.device = pick_device(self.config.extract.device)
+        built = load_backbone(self.config.backbone.name, self.config.backbone.config, self.config.backbone.seed)
+        self.extractor = _Extractor(prepare_for_device(built, self.device, False), self.config, self.device)
+        self.head = self.run.load_head(self.device)
+        self.pairs = self.run.pairs
+        self.class_names: list[str] = list(self.run.record["class_names"])
+        self.batch_size = batch_size or self.config.train.batch_size
+        self.mpp = training_mpp(self.config)
+
+    @property
+    def tile_size(self) -> int:
+        return self.config.tiling.tile_size
+
+    def wanted(self) -> dict[int, list[str]]:
+        blocks: dict[int, list[str]] = {}
+        for timestep, block in self.pairs:
+            blocks.setdefault(timestep, []).append(block)
+        return blocks
+
+    def tile_logits(self, tiles: np.ndarray, keys: list[str]) -> np.ndarray:
+        """(k, classes, T, T) logits of uint8 (k, T, T, 3) tiles whose noise keys are `keys`."""
+        latent_shape = self.extractor.backbone.latent_shape(self.tile_size)
+        noise = tile_noise(self.config.extract.noise_seed, keys, latent_shape)
+        features, _ = self.extractor.features(tiles, noise, self.wanted())
+        inputs = [torch.from_numpy(features[pair][0].astype(np.float32)).to(self.device) for pair in self.pairs]
+        with torch.inference_mode():
+            return self.head(inputs, self.tile_size).float().cpu().numpy()
+
+    def image_logits(self, rgb: np.ndarray, image_id: str, progress=None) -> np.ndarray:
+        """(classes, H, W) blended logits of an RGB image at the training resolution.
+
+        Tiles and their noise are those extraction would make for an image of this id: same grid, padding,
+        and noise key (id, tile origin), batched as evaluate batches its tiles.
+        """
+        t = self.config.tiling
+        grid = tile_grid(rgb.shape[0], rgb.shape[1], t.tile_size, t.stride)
+        view = PaddedView(rgb, grid, t.pad_mode)
+        origins = grid.origins()
+        stitcher = Stitcher(grid, len(self.class_names), self.config.evaluate.blend)
+        for start in range(0, len(origins), self.batch_size):
+            batch = origins[start : start + self.batch_size]
+            tiles = np.stack([view.tile(origin, t.tile_size) for origin in batch])
+            keys = [f"{image_id}:{y}:{x}" for y, x in batch]
+            for origin, logits in zip(batch, self.tile_logits(tiles, keys), strict=True):
+                stitcher.add(origin, logits)
+            if progress is not None:
+                progress(len(batch))
+        return stitcher.result()

@@ -1,0 +1,106 @@
+"""`pathseg predict` on plain images: equal to evaluate on a stored image, outputs whole, bad input in one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from pathseg.predict.command import predict_images
+from pathseg.train_head.evaluate import evaluate_run
+from pathseg.train_head.fit import fit_head
+from PIL import Image
+
+from pathseg.store import FeatureStore
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(extracted_small, tmp_path_factory):
+    config, store_path = extracted_small
+    config = config.model_copy(update={"runs_dir": tmp_path_factory.mktemp("runs")}, deep=True)
+    config.evaluate.overlays = 0
+    result = fit_head(config, show_progress=False)
+    return config, FeatureStore.open(store_path), result.run_dir
+
+
+def test_predict_equals_evaluate_on_an_image_of_the_store(trained, tmp_path, monkeypatch):
+    """Same tiles, noise, precision, float16 rounding, head and blending: the same label map."""
+    from pathseg.train_head import evaluate as evaluate_module
+
+    config, store, run_dir = trained
+    index = next(i for i, entry in enumerate(store.images) if entry.split == "test")
+    entry = store.images[index]
+    image = tmp_path / "in" / f"{entry.id}.png"
+    image.parent.mkdir()
+    Image.fromarray(store.image_rgb(index)).save(image)
+    predict_images(run_dir, [str(image)], tmp_path / "out", show_progress=False)
+    predicted = np.asarray(Image.open(tmp_path / "out" / entry.id / "labels.png"))
+
+    kept = {}
+    real = evaluate_module.stitched_logits
+
+    def keep(*args, **kwargs):
+        for i, logits in real(*args, **kwargs):
+            kept[i] = logits.argmax(axis=0)
+            yield i, logits
+
+    monkeypatch.setattr(evaluate_module, "stitched_logits", keep)
+    evaluate_run(config, run_dir, splits=["test"], show_progress=False)
+    np.testing.assert_array_equal(predicted, kept[index])
+
+
+def test_outputs_are_whole_and_a_rerun_skips_finished_images(trained, tmp_path):
+    _, store, run_dir = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(store.image_rgb(0)).save(folder / "a.png")
+    Image.fromarray(store.image_rgb(1)).convert("L").save(folder / "b.jpg", quality=90)  # grey JPEG still reads
+    summary = predict_images(run_dir, [str(folder)], tmp_path / "out", show_progress=False)
+    assert [p.name for p in summary.written] == ["a", "b"]
+    for name, source in (("a", folder / "a.png"), ("b", folder / "b.jpg")):
+        labels = np.asarray(Image.open(tmp_path / "out" / name / "labels.png"))
+        assert labels.shape == Image.open(source).size[::-1] and labels.max() < len(store.class_names)
+        with (tmp_path / "out" / name / "areas.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        assert [r["class"] for r in rows] == store.class_names
+        assert sum(int(r["pixels"]) for r in rows) == labels.size
+        assert Image.open(tmp_path / "out" / name / "overlay.png").size[0] == 2 * labels.shape[1] + 8
+    again = predict_images(run_dir, [str(folder / "*.png"), str(folder / "b.jpg")], tmp_path / "out",
+                           show_progress=False)
+    assert again.written == [] and len(again.skipped) == 2
+
+
+def test_bad_inputs_fail_in_one_line(trained, tmp_path, monkeypatch, capsys):
+    _, store, run_dir = trained
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    good = tmp_path / "good.png"
+    Image.fromarray(store.image_rgb(0)).save(good)
+    no_head = tmp_path / "run-copy"
+    no_head.mkdir()
+    (no_head / "run.json").write_text((run_dir / "run.json").read_text())
+    moved = tmp_path / "run-moved"
+    moved.mkdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    record["config"]["backbone"]["name"] = str(tmp_path / "gone-backbone")
+    (moved / "run.json").write_text(json.dumps(record))
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    cases = [
+        ([str(run_dir), str(broken), "--out", str(tmp_path / "o1")], "broken.png: cannot be read"),
+        ([str(run_dir), str(text), "--out", str(tmp_path / "o2")], "notes.txt: not a supported image"),
+        ([str(run_dir), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o3")], "missing.png does not exist"),
+        ([str(no_head), str(good), "--out", str(tmp_path / "o4")], "head.safetensors is missing"),
+        ([str(moved), str(good), "--out", str(tmp_path / "o5")], "pass --backbone"),
+        ([str(run_dir), str(good), "--out", str(blocked / "sub")], "cannot be created"),
+        ([str(run_dir), str(good), "--mpp", "0.5", "--out", str(tmp_path / "o6")], "leave --mpp out"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(monkeypatch, capsys, "predict", *args, "--quiet")
+        assert code == 2 and message in err, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o1" / "broken" / "areas.csv").exists()

@@ -250,12 +250,23 @@ def predict(
         float | None, typer.Option("--mpp", help="microns per pixel of the inputs (default: the training mpp)")
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")] = None,
+    object_type: Annotated[
+        str, typer.Option("--object-type", help="QuPath object type of the GeoJSON regions: annotation or detection")
+    ] = "annotation",
+    simplify: Annotated[
+        float, typer.Option("--simplify", help="polygon simplification tolerance in px (0: exact pixel edges)")
+    ] = 0.0,
     quiet: QuietOption = False,
 ) -> None:
-    """Segment new images with a trained head: label map PNG, overlay with legend, per-class areas."""
+    """Segment new images with a trained head: label map PNG, QuPath GeoJSON, overlay with legend, areas."""
     from pathseg.predict.command import predict_images
 
-    summary = predict_images(run, inputs, out, backbone=backbone, mpp=mpp, device=device, show_progress=not quiet)
+    if object_type not in ("annotation", "detection"):
+        raise PathsegError(f"--object-type {object_type!r} is not annotation or detection")
+    if simplify < 0:
+        raise PathsegError(f"--simplify {simplify} is negative; give a tolerance in px, or 0")
+    summary = predict_images(run, inputs, out, backbone=backbone, mpp=mpp, device=device, object_type=object_type,
+                             simplify=simplify, show_progress=not quiet)
     say(f"predicted {len(summary.written)} images into {out}" +
         (f" ({len(summary.skipped)} already done)" if summary.skipped else ""))
 

@@ -1,4 +1,5 @@
-"""`pathseg predict RUN INPUT... --out DIR` for plain images: label map, overlay and area table per image.
+"""`pathseg predict RUN INPUT... --out DIR` for plain images: label map, QuPath GeoJSON, overlay and area
+table per image.
 
 An image is taken to be at the resolution the head was trained at, unless `--mpp` says what it is; then
 it is resampled to the training resolution, predicted, and the labels brought back to its own size.
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pathseg.predict.geojson import label_features, write_geojson
 from pathseg.predict.images import expand_inputs, read_rgb, resample, resize_labels
 from pathseg.predict.outputs import area_rows, write_area_table, write_label_map, write_overlay
 from pathseg.predict.predictor import Predictor
 
 from pathseg.errors import PathsegError
+from pathseg.metrics import background_index_of
 from pathseg.progress import progress_bar, say
 
 FINISHED_MARK = "areas.csv"  # written last: its presence means every file of that image is whole
@@ -49,8 +52,8 @@ def _output_names(paths: list[Path]) -> dict[Path, str]:
 
 
 def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str | None = None,
-                   mpp: float | None = None, device: str | None = None,
-                   show_progress: bool = True) -> PredictionSummary:
+                   mpp: float | None = None, device: str | None = None, object_type: str = "annotation",
+                   simplify: float = 0.0, show_progress: bool = True) -> PredictionSummary:
     paths = expand_inputs(inputs)
     names = _output_names(paths)
     out = Path(out)
@@ -79,7 +82,12 @@ def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str
         folder = out / names[path]
         write_label_map(folder / "labels.png", labels)
         write_overlay(folder / "overlay.png", rgb, labels, predictor.class_names)
-        rows = area_rows(labels, predictor.class_names, mpp if mpp is not None else predictor.mpp)
+        source_mpp = mpp if mpp is not None else predictor.mpp
+        background = background_index_of(predictor.class_names)
+        write_geojson(folder / "regions.geojson", label_features(
+            labels, predictor.class_names, image_id=path.stem, skip=set() if background is None else {background},
+            object_type=object_type, simplify=simplify, mpp=source_mpp))
+        rows = area_rows(labels, predictor.class_names, source_mpp)
         write_area_table(folder / FINISHED_MARK, rows)
         shares = ", ".join(f"{row['class']} {100 * row['fraction']:.1f}%" for row in rows)
         say(f"{path.name}: {shares} -> {folder}")

@@ -67,6 +67,9 @@ def test_outputs_are_whole_and_a_rerun_skips_finished_images(trained, tmp_path):
         assert [r["class"] for r in rows] == store.class_names
         assert sum(int(r["pixels"]) for r in rows) == labels.size
         assert Image.open(tmp_path / "out" / name / "overlay.png").size[0] == 2 * labels.shape[1] + 8
+        regions = json.loads((tmp_path / "out" / name / "regions.geojson").read_text())
+        assert regions["type"] == "FeatureCollection"
+        assert {f["properties"]["classification"]["name"] for f in regions["features"]} <= {"gland"}
     again = predict_images(run_dir, [str(folder / "*.png"), str(folder / "b.jpg")], tmp_path / "out",
                            show_progress=False)
     assert again.written == [] and len(again.skipped) == 2

@@ -241,13 +241,14 @@ def evaluate(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="run directory of `pathseg fit-head`")],
-    inputs: Annotated[list[str], typer.Argument(help="images, folders of images, or globs")],
+    inputs: Annotated[list[str], typer.Argument(help="images and slides, folders of them, or globs")],
     out: Annotated[Path, typer.Option("--out", help="folder for the outputs (one subfolder per image)")],
     backbone: Annotated[
         str | None, typer.Option("--backbone", help="the run's backbone at another path (if it moved)")
     ] = None,
     mpp: Annotated[
-        float | None, typer.Option("--mpp", help="microns per pixel of the inputs (default: the training mpp)")
+        float | None, typer.Option("--mpp", help="microns per pixel of the inputs, level 0 for slides (default: "
+                                                 "what a slide records; the training mpp for images)")
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")] = None,
     object_type: Annotated[
@@ -256,9 +257,16 @@ def predict(
     simplify: Annotated[
         float, typer.Option("--simplify", help="polygon simplification tolerance in px (0: exact pixel edges)")
     ] = 0.0,
+    no_tissue_mask: Annotated[
+        bool, typer.Option("--no-tissue-mask", help="slides: predict every tile, not only those with tissue")
+    ] = False,
+    tissue_threshold: Annotated[
+        float | None, typer.Option("--tissue-threshold", help="slides: saturation (0-1) above which a thumbnail "
+                                                              "pixel is tissue (default: Otsu's threshold)")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Segment new images with a trained head: label map PNG, QuPath GeoJSON, overlay with legend, areas."""
+    """Segment new images and slides with a trained head: label map, QuPath GeoJSON, overlay, per-class areas."""
     from pathseg.predict.command import predict_images
 
     if object_type not in ("annotation", "detection"):
@@ -266,7 +274,8 @@ def predict(
     if simplify < 0:
         raise PathsegError(f"--simplify {simplify} is negative; give a tolerance in px, or 0")
     summary = predict_images(run, inputs, out, backbone=backbone, mpp=mpp, device=device, object_type=object_type,
-                             simplify=simplify, show_progress=not quiet)
+                             simplify=simplify, use_tissue_mask=not no_tissue_mask,
+                             tissue_threshold=tissue_threshold, show_progress=not quiet)
     say(f"predicted {len(summary.written)} images into {out}" +
         (f" ({len(summary.skipped)} already done)" if summary.skipped else ""))
 

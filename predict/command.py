@@ -18,6 +18,7 @@ from pathseg.predict.geojson import label_features, write_geojson
 from pathseg.predict.images import expand_inputs, read_rgb, resample, resize_labels
 from pathseg.predict.outputs import area_rows, write_area_table, write_label_map, write_overlay
 from pathseg.predict.predictor import Predictor
+from pathseg.predict.slide_command import is_slide, predict_slide
 
 from pathseg.errors import PathsegError
 from pathseg.metrics import background_index_of
@@ -53,7 +54,9 @@ def _output_names(paths: list[Path]) -> dict[Path, str]:
 
 def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str | None = None,
                    mpp: float | None = None, device: str | None = None, object_type: str = "annotation",
-                   simplify: float = 0.0, show_progress: bool = True) -> PredictionSummary:
+                   simplify: float = 0.0, use_tissue_mask: bool = True, tissue_threshold: float | None = None,
+                   show_progress: bool = True) -> PredictionSummary:
+    """Images and slides, mixed; `mpp` is the inputs' resolution (a slide's level 0), when they do not say."""
     paths = expand_inputs(inputs)
     names = _output_names(paths)
     out = Path(out)
@@ -61,38 +64,48 @@ def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str
     todo = [p for p in paths if not (out / names[p] / FINISHED_MARK).exists()]
     skipped = [p for p in paths if p not in todo]
     if skipped:
-        say(f"{len(skipped)} of {len(paths)} images already predicted in {out}: skipped")
+        say(f"{len(skipped)} of {len(paths)} inputs already predicted in {out}: skipped")
     if not todo:
         return PredictionSummary([], skipped)
     predictor = Predictor(Path(run_dir), backbone=backbone, device=device)
-    if mpp is not None and predictor.mpp is None:
-        raise PathsegError(f"--mpp {mpp} given, but run {run_dir} does not know the resolution it was trained at "
-                           f"(dataset {predictor.config.dataset.name!r}); leave --mpp out to take images as they are")
     written = []
     for path in todo:
-        rgb = read_rgb(path)
-        scale = mpp / predictor.mpp if mpp is not None else 1.0
-        working = resample(rgb, scale) if scale != 1.0 else rgb
-        grid_tiles = _tile_count(working.shape[:2], predictor)
-        with progress_bar(path.name, grid_tiles, "tiles", show_progress) as advance:
-            logits = predictor.image_logits(working, path.stem, advance)
-        labels = logits.argmax(axis=0).astype(np.uint8)
-        if labels.shape != rgb.shape[:2]:
-            labels = resize_labels(labels, rgb.shape[:2])
         folder = out / names[path]
-        write_label_map(folder / "labels.png", labels)
-        write_overlay(folder / "overlay.png", rgb, labels, predictor.class_names)
-        source_mpp = mpp if mpp is not None else predictor.mpp
-        background = background_index_of(predictor.class_names)
-        write_geojson(folder / "regions.geojson", label_features(
-            labels, predictor.class_names, image_id=path.stem, skip=set() if background is None else {background},
-            object_type=object_type, simplify=simplify, mpp=source_mpp))
-        rows = area_rows(labels, predictor.class_names, source_mpp)
-        write_area_table(folder / FINISHED_MARK, rows)
-        shares = ", ".join(f"{row['class']} {100 * row['fraction']:.1f}%" for row in rows)
-        say(f"{path.name}: {shares} -> {folder}")
+        if is_slide(path):
+            predict_slide(path, folder, predictor, slide_mpp=mpp, use_tissue_mask=use_tissue_mask,
+                          tissue_threshold=tissue_threshold, object_type=object_type, simplify=simplify,
+                          show_progress=show_progress)
+        else:
+            _predict_image(path, folder, predictor, mpp, object_type, simplify, show_progress)
         written.append(folder)
     return PredictionSummary(written, skipped)
+
+
+def _predict_image(path: Path, folder: Path, predictor: Predictor, mpp: float | None, object_type: str,
+                   simplify: float, show_progress: bool) -> None:
+    if mpp is not None and predictor.mpp is None:
+        raise PathsegError(f"--mpp {mpp} given, but run {predictor.run.directory} does not know the resolution it "
+                           f"was trained at (dataset {predictor.config.dataset.name!r}); leave --mpp out to take "
+                           "images as they are")
+    rgb = read_rgb(path)
+    scale = mpp / predictor.mpp if mpp is not None else 1.0
+    working = resample(rgb, scale) if scale != 1.0 else rgb
+    with progress_bar(path.name, _tile_count(working.shape[:2], predictor), "tiles", show_progress) as advance:
+        logits = predictor.image_logits(working, path.stem, advance)
+    labels = logits.argmax(axis=0).astype(np.uint8)
+    if labels.shape != rgb.shape[:2]:
+        labels = resize_labels(labels, rgb.shape[:2])
+    write_label_map(folder / "labels.png", labels)
+    write_overlay(folder / "overlay.png", rgb, labels, predictor.class_names)
+    source_mpp = mpp if mpp is not None else predictor.mpp
+    background = background_index_of(predictor.class_names)
+    write_geojson(folder / "regions.geojson", label_features(
+        labels, predictor.class_names, image_id=path.stem, skip=set() if background is None else {background},
+        object_type=object_type, simplify=simplify, mpp=source_mpp))
+    rows = area_rows(labels, predictor.class_names, source_mpp)
+    write_area_table(folder / FINISHED_MARK, rows)
+    shares = ", ".join(f"{row['class']} {100 * row['fraction']:.1f}%" for row in rows)
+    say(f"{path.name}: {shares} -> {folder}")
 
 
 def _tile_count(shape: tuple[int, int], predictor: Predictor) -> int:

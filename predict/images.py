@@ -1,4 +1,4 @@
-"""Plain images (PNG, JPEG, TIFF, BMP) to segment, found from files, folders and globs."""
+"""Inputs to segment, found from files, folders and globs; plain images (PNG, JPEG, TIFF, BMP) read whole."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from PIL import Image, UnidentifiedImageError
 from pathseg.errors import PathsegError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+SLIDE_ONLY_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm"}
+INPUT_SUFFIXES = IMAGE_SUFFIXES | SLIDE_ONLY_SUFFIXES
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -19,7 +21,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in INPUT_SUFFIXES and p.is_file())
         elif path.is_file():
             found.append(path)
         elif glob.has_magic(item):
@@ -28,10 +30,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise PathsegError(f"{item} does not exist; give image files, folders of images or a glob")
     unique = list(dict.fromkeys(found))
     if not unique:
-        raise PathsegError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    unsupported = [p for p in unique if p.suffix.lower() not in IMAGE_SUFFIXES]
+        raise PathsegError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(INPUT_SUFFIXES))})")
+    unsupported = [p for p in unique if p.suffix.lower() not in INPUT_SUFFIXES]
     if unsupported:
-        raise PathsegError(f"{unsupported[0]}: not a supported image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise PathsegError(f"{unsupported[0]}: not a supported image or slide ({', '.join(sorted(INPUT_SUFFIXES))})")
     return unique
 
 

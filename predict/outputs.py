@@ -67,7 +67,7 @@ def area_rows(labels: np.ndarray, class_names: list[str], mpp: float | None) -> 
     for index, name in enumerate(class_names):
         pixels = int(counts[index])
         rows.append({"class": name, "pixels": pixels,
-                     "area_mm2": round(pixels * (mpp / 1000.0) ** 2, 6) if mpp else "",
+                     "area_mm2": float(f"{pixels * (mpp / 1000.0) ** 2:.6g}") if mpp else "",
                      "fraction": round(pixels / total, 6)})
     return rows
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from pathseg.extract.backbone import load_backbone
+from pathseg.extract.blocks import block_table
 from pathseg.extract.runner import _Extractor, pick_device, prepare_for_device
-from pathseg.extract.tiles import PaddedView, tile_noise
+from pathseg.extract.tiles import tile_noise
 from pathseg.train_head.runs import Run, load_run
 
 from pathseg.config import PRESET_BACKBONES, PipelineConfig
 from pathseg.errors import PathsegError
-from pathseg.tiling import Stitcher, tile_grid
 
 AUTOCAST_OF_PRECISION = {"float32": "off", "bfloat16": "bfloat16", "float16": "float16"}
 GLAS_MPP = 0.62005
@@ -76,32 +76,21 @@ class Predictor:
             blocks.setdefault(timestep, []).append(block)
         return blocks
 
-    def tile_logits(self, tiles: np.ndarray, keys: list[str]) -> np.ndarray:
-        """(k, classes, T, T) logits of uint8 (k, T, T, 3) tiles whose noise keys are `keys`."""
+    def tile_logits(self, tiles: np.ndarray, keys: list[str], output_size: int | None = None) -> np.ndarray:
+        """(k, classes, S, S) logits of uint8 (k, T, T, 3) tiles whose noise keys are `keys`.
+
+        S is the tile size, or `output_size`: slides keep the head's logits at its finest map's size (the
+        head's final bilinear upsampling from that size is done when tiles are blended, with the same result).
+        """
         latent_shape = self.extractor.backbone.latent_shape(self.tile_size)
         noise = tile_noise(self.config.extract.noise_seed, keys, latent_shape)
         features, _ = self.extractor.features(tiles, noise, self.wanted())
         inputs = [torch.from_numpy(features[pair][0].astype(np.float32)).to(self.device) for pair in self.pairs]
         with torch.inference_mode():
-            return self.head(inputs, self.tile_size).float().cpu().numpy()
+            return self.head(inputs, output_size or self.tile_size).float().cpu().numpy()
 
-    def image_logits(self, rgb: np.ndarray, image_id: str, progress=None) -> np.ndarray:
-        """(classes, H, W) blended logits of an RGB image at the training resolution.
-
-        Tiles and their noise are those extraction would make for an image of this id: same grid, padding,
-        and noise key (id, tile origin), batched as evaluate batches its tiles.
-        """
-        t = self.config.tiling
-        grid = tile_grid(rgb.shape[0], rgb.shape[1], t.tile_size, t.stride)
-        view = PaddedView(rgb, grid, t.pad_mode)
-        origins = grid.origins()
-        stitcher = Stitcher(grid, len(self.class_names), self.config.evaluate.blend)
-        for start in range(0, len(origins), self.batch_size):
-            batch = origins[start : start + self.batch_size]
-            tiles = np.stack([view.tile(origin, t.tile_size) for origin in batch])
-            keys = [f"{image_id}:{y}:{x}" for y, x in batch]
-            for origin, logits in zip(batch, self.tile_logits(tiles, keys), strict=True):
-                stitcher.add(origin, logits)
-            if progress is not None:
-                progress(len(batch))
-        return stitcher.result()
+    def logits_size(self) -> int:
+        """Side of the head's finest input map: the size its logits have before the last upsampling."""
+        table = block_table(self.extractor.backbone.unet)
+        latent = self.tile_size // self.extractor.backbone.latent_factor
+        return max(latent // table[block].downsample for _, block in self.pairs)

@@ -1,0 +1,102 @@
+"""One whole-slide image through predict: plan, compute (resumable), blend, then the outputs, renamed in whole.
+
+Outputs in `<out>/<stem>/`: `labels.ome.tif` (class index per pixel at the prediction mpp, pyramidal, with
+its physical pixel size), `regions.geojson` (level-0 coordinates), `overlay.png` (thumbnail | prediction),
+and `areas.csv` last, which marks the slide finished. The working store `.work.zarr` beside them holds the
+tile logits until then, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from pathseg.predict.outputs import write_area_table, write_overlay
+from pathseg.predict.predictor import Predictor
+from pathseg.predict.slide import NO_TISSUE, blend_labels, compute_tiles, plan_slide
+from pathseg.predict.slide_outputs import label_counts, labels_at, write_label_ome_tiff, write_slide_geojson
+from pathseg.predict.slide_work import SlideWork
+
+from pathseg.errors import PathsegError
+from pathseg.metrics import background_index_of
+from pathseg.progress import progress_bar, say
+from pathseg.slides import Slide
+from pathseg.store import digest
+
+FINISHED_MARK = "areas.csv"
+
+
+def is_slide(path: Path) -> bool:
+    """A pyramidal or tiled file OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF...); plain TIFFs are images."""
+    suffix = path.suffix.lower()
+    if suffix in {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm"}:
+        return True
+    if suffix not in {".tif", ".tiff"}:
+        return False
+    try:
+        import openslide
+
+        with openslide.OpenSlide(str(path)) as slide:
+            return slide.level_count > 1 or max(slide.dimensions) > 8192
+    except Exception:  # noqa: BLE001 - anything OpenSlide cannot open is read as a plain image
+        return False
+
+
+def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: float | None,
+                  use_tissue_mask: bool, tissue_threshold: float | None, object_type: str, simplify: float,
+                  show_progress: bool) -> dict:
+    if predictor.mpp is None:
+        raise PathsegError(f"run {predictor.run.directory} does not know the resolution it was trained at "
+                           f"(dataset {predictor.config.dataset.name!r}), so {path.name} cannot be read at it")
+    folder.mkdir(parents=True, exist_ok=True)
+    with Slide(path, mpp=slide_mpp) as slide:
+        plan = plan_slide(slide, predictor, predictor.mpp, use_tissue_mask, tissue_threshold)
+        logits_size = predictor.logits_size()
+        identity = {"run": str(predictor.run.directory.resolve()), "head": predictor.run.record.get("best_epoch"),
+                    "run_store": predictor.run.record.get("store_fingerprint"), "slide": str(path.resolve()),
+                    "slide_bytes": path.stat().st_size, "slide_mtime": path.stat().st_mtime_ns,
+                    "slide_mpp": slide.mpp, "mpp": plan.mpp, "tiles": digest(plan.tissue_tiles.tolist()),
+                    "blend": predictor.config.evaluate.blend}
+        work = SlideWork.open_or_create(folder / ".work.zarr", identity, plan.tissue_tiles,
+                                        (len(predictor.class_names), logits_size, logits_size),
+                                        predictor.batch_size)
+        pending = work.pending_batches()
+        remaining = sum(work.batch_range(b)[1] - work.batch_range(b)[0] for b in pending)
+        if len(plan.tissue_tiles) == 0:
+            say(f"{path.name}: no tissue found; writing empty outputs (--no-tissue-mask to predict every tile)")
+        elif remaining < len(plan.tissue_tiles):
+            say(f"{path.name}: resuming, {len(plan.tissue_tiles) - remaining} of {len(plan.tissue_tiles)} tiles done")
+        with progress_bar(path.name, remaining, "tiles", show_progress) as advance:
+            compute_tiles(slide, path.stem, predictor, plan, work, advance)
+        background = background_index_of(predictor.class_names)
+        empty = background if background is not None else NO_TISSUE
+        labels = work.group.create_array("labels", shape=(plan.grid.height, plan.grid.width), dtype="uint8",
+                                         chunks=(plan.grid.stride, 1024), fill_value=empty, overwrite=True)
+        blend_labels(plan, work, predictor, labels, empty)
+        _write_outputs(folder, path, slide, plan, labels, predictor, empty, object_type, simplify)
+    work.remove()
+    return {"tiles": len(plan.tissue_tiles), "grid_tiles": len(plan.grid)}
+
+
+def _write_outputs(folder: Path, path: Path, slide: Slide, plan, labels: zarr.Array, predictor: Predictor,
+                   empty: int, object_type: str, simplify: float) -> None:
+    names = predictor.class_names
+    write_label_ome_tiff(folder / "labels.ome.tif", labels, plan.mpp, names)
+    skip = {empty} | ({b} if (b := background_index_of(names)) is not None else set())
+    write_slide_geojson(folder / "regions.geojson", labels, names, slide_id=path.stem, skip=skip,
+                        level0_per_px=plan.mpp / slide.mpp, object_type=object_type, simplify=simplify,
+                        mpp=plan.mpp)
+    thumbnail = plan.thumbnail
+    small = labels_at(labels, thumbnail.shape[:2])
+    write_overlay(folder / "overlay.png", thumbnail, np.where(small == NO_TISSUE, 0, small), names)
+    counts = label_counts(labels)
+    tissue = int(counts.sum() - (counts[NO_TISSUE] if empty == NO_TISSUE else 0))
+    rows = []
+    for index, name in enumerate(names):
+        pixels = int(counts[index])
+        rows.append({"class": name, "pixels": pixels, "area_mm2": float(f"{pixels * (plan.mpp / 1000.0) ** 2:.6g}"),
+                     "fraction": round(pixels / tissue, 6) if tissue else 0.0})
+    write_area_table(folder / FINISHED_MARK, rows)
+    shares = ", ".join(f"{row['class']} {row['area_mm2']:.3f} mm2" for row in rows)
+    say(f"{path.name}: {shares} -> {folder}")

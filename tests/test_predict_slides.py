@@ -1,0 +1,148 @@
+"""`pathseg predict` on whole-slide images: pyramidal TIFFs the tests write, with tissue and blank glass."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from pathseg.extract.runner import run_extraction
+from pathseg.predict import predictor as predictor_module
+from pathseg.predict.command import predict_images
+from pathseg.predict.slide_work import SlideWork
+from pathseg.train_head.fit import fit_head
+from PIL import Image
+from rasterio.features import rasterize
+from shapely.affinity import scale as scale_geometry
+from shapely.geometry import mapping, shape
+
+from tests.conftest import run_cli, small_config, write_glas_fixture
+from tests.test_slides import he_like_slide, write_pyramid
+
+tifffile = pytest.importorskip("tifffile")
+GLAS_MPP = 0.62005
+
+
+@pytest.fixture(scope="module")
+def glas_run(tmp_path_factory):
+    """A head trained on GlaS-layout files: it knows its training resolution (0.62005 µm/px)."""
+    tmp = tmp_path_factory.mktemp("glas-run")
+    root = write_glas_fixture(tmp / "glas", per_split={"train": 3, "testA": 1}, size=(90, 120))
+    config = small_config(tmp, **{"dataset.name": "glas", "dataset.root": str(root), "extract.timesteps": [50],
+                                  "extract.blocks": ["up1", "up3.2"], "train.epochs": 1})
+    run_extraction(config, show_progress=False)
+    return fit_head(config, show_progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    rgb, _ = he_like_slide(700, 900, seed=1)
+    path = tmp_path_factory.mktemp("slide") / "case 1.tif"  # a space, as real file names have
+    write_pyramid(path, rgb, mpp=GLAS_MPP / 2, levels=3, tile=128)
+    return path
+
+
+def _count_tiles(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    real = predictor_module.Predictor.tile_logits
+
+    def counting(self, tiles, keys, output_size=None):
+        seen.append(len(tiles))
+        return real(self, tiles, keys, output_size)
+
+    monkeypatch.setattr(predictor_module.Predictor, "tile_logits", counting)
+    return seen
+
+
+def test_slide_outputs_tissue_only_and_geojson_round_trip(glas_run, slide_path, tmp_path, monkeypatch):
+    seen = _count_tiles(monkeypatch)
+    predict_images(glas_run, [str(slide_path)], tmp_path / "out", show_progress=False)
+    folder = tmp_path / "out" / "case 1"
+    assert not (folder / ".work.zarr").exists()
+    with tifffile.TiffFile(folder / "labels.ome.tif") as tif:
+        labels = tif.series[0].levels[0].asarray()
+        assert tif.is_ome and len(tif.series[0].levels) >= 1
+        assert f'PhysicalSizeX="{GLAS_MPP}"' in tif.ome_metadata
+    assert labels.shape == (350, 450)  # the slide at the training mpp
+    grid_tiles = 4 * 5  # 128 px tiles every 96 px over 350 x 450
+    assert 0 < sum(seen) < grid_tiles  # blank glass never went through the backbone
+    regions = json.loads((folder / "regions.geojson").read_text())
+    level0_per_px = 2.0  # the slide is scanned at half the training mpp
+    for index, name in enumerate(["background", "gland"]):
+        if index == 0:
+            continue
+        ours = [f for f in regions["features"] if f["properties"]["classification"]["name"] == name]
+        back = rasterize([(mapping(scale_geometry(shape(f["geometry"]), 1 / level0_per_px, 1 / level0_per_px,
+                                                  origin=(0, 0))), 1) for f in ours],
+                         out_shape=labels.shape, fill=0, dtype="uint8") if ours else np.zeros_like(labels)
+        truth = labels == index
+        union = (truth | (back == 1)).sum()
+        assert union == 0 or (truth & (back == 1)).sum() / union >= 0.99
+    with (folder / "areas.csv").open() as handle:
+        rows = {row["class"]: row for row in csv.DictReader(handle)}
+    assert sum(int(r["pixels"]) for r in rows.values()) == labels.size
+    expected = int(rows["gland"]["pixels"]) * (GLAS_MPP / 1000) ** 2
+    assert float(rows["gland"]["area_mm2"]) == pytest.approx(expected, rel=1e-5)
+    assert Image.open(folder / "overlay.png").size[1] > 10
+
+
+def test_a_killed_slide_resumes_and_ends_as_an_uninterrupted_run(glas_run, slide_path, tmp_path, monkeypatch):
+    seen = _count_tiles(monkeypatch)
+    predict_images(glas_run, [str(slide_path)], tmp_path / "whole", show_progress=False)
+    total = sum(seen)
+    seen.clear()
+    real_write = SlideWork.write_batch
+    writes = {"n": 0}
+
+    def die_after_one(self, batch, logits):
+        if writes["n"] == 1:
+            raise KeyboardInterrupt  # as Ctrl-C (or a kill) between two batches
+        writes["n"] += 1
+        return real_write(self, batch, logits)
+
+    monkeypatch.setattr(SlideWork, "write_batch", die_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        predict_images(glas_run, [str(slide_path)], tmp_path / "resumed", show_progress=False)
+    folder = tmp_path / "resumed" / "case 1"
+    assert (folder / ".work.zarr").exists() and not (folder / "areas.csv").exists()
+    first = sum(seen)
+    batch = seen[0]
+    assert first == 2 * batch and total > first  # one batch written, the next computed and lost
+    monkeypatch.setattr(SlideWork, "write_batch", real_write)
+    predict_images(glas_run, [str(slide_path)], tmp_path / "resumed", show_progress=False)
+    assert sum(seen) - first == total - batch  # the rerun computes all but the batch that was written
+    with tifffile.TiffFile(folder / "labels.ome.tif") as a, \
+            tifffile.TiffFile(tmp_path / "whole" / "case 1" / "labels.ome.tif") as b:
+        np.testing.assert_array_equal(a.series[0].asarray(), b.series[0].asarray())
+
+
+def test_blank_slide_is_not_a_failure_and_missing_mpp_is_one_line(glas_run, tmp_path, monkeypatch, capsys):
+    blank = np.full((400, 500, 3), 245, dtype=np.uint8)
+    write_pyramid(tmp_path / "blank.tif", blank, mpp=0.5, levels=2, tile=128)
+    code, _, err = run_cli(monkeypatch, capsys, "predict", str(glas_run), str(tmp_path / "blank.tif"), "--out",
+                           str(tmp_path / "out"), "--quiet")
+    assert code == 0 and "no tissue found" in err
+    assert json.loads((tmp_path / "out" / "blank" / "regions.geojson").read_text())["features"] == []
+    rgb, _ = he_like_slide(400, 500)
+    write_pyramid(tmp_path / "no-mpp.tif", rgb, mpp=None, levels=2, tile=128)
+    code, _, err = run_cli(monkeypatch, capsys, "predict", str(glas_run), str(tmp_path / "no-mpp.tif"), "--out",
+                           str(tmp_path / "out"), "--quiet")
+    assert code == 2 and "no-mpp.tif: the slide records no microns per pixel; pass --mpp" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out" / "no-mpp" / "areas.csv").exists()
+
+
+def test_label_pyramid_levels_are_nearest_samples_of_level_zero(tmp_path):
+    import zarr
+    from pathseg.predict.slide_outputs import write_label_ome_tiff
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 3, size=(1100, 2300), dtype=np.uint8)
+    labels = zarr.create_array(store={}, shape=values.shape, dtype="uint8", chunks=(256, 1024))
+    labels[:] = values
+    write_label_ome_tiff(tmp_path / "l.ome.tif", labels, 0.5, ["a", "b", "c"])
+    with tifffile.TiffFile(tmp_path / "l.ome.tif") as tif:
+        levels = tif.series[0].levels
+        assert [level.shape for level in levels] == [(1100, 2300), (550, 1150), (275, 575)]
+        for index, level in enumerate(levels):
+            np.testing.assert_array_equal(level.asarray(), values[:: 2**index, :: 2**index])

@@ -244,7 +244,7 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     splits: list[str] | None = None
-    blend: Literal["mean", "gaussian"] = "mean"
+    blend: Literal["mean", "gaussian"] = "gaussian"  # 4x fewer seams on GlaS than mean (bench/blend_seams.py)
     overlays: int = Field(4, ge=0)
     min_object_area: int = Field(0, ge=0)
 

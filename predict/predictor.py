@@ -15,11 +15,12 @@ import torch
 from pathseg.extract.backbone import load_backbone
 from pathseg.extract.blocks import block_table
 from pathseg.extract.runner import _Extractor, pick_device, prepare_for_device
-from pathseg.extract.tiles import tile_noise
+from pathseg.extract.tiles import PaddedView, tile_noise
 from pathseg.train_head.runs import Run, load_run
 
 from pathseg.config import PRESET_BACKBONES, PipelineConfig
 from pathseg.errors import PathsegError
+from pathseg.tiling import Stitcher, tile_grid
 
 AUTOCAST_OF_PRECISION = {"float32": "off", "bfloat16": "bfloat16", "float16": "float16"}
 GLAS_MPP = 0.62005
@@ -31,6 +32,8 @@ def training_mpp(config: PipelineConfig) -> float | None:
         return GLAS_MPP
     if config.dataset.name == "bcss":
         return config.dataset.bcss.mpp
+    if config.dataset.name == "folder":
+        return config.dataset.folder.mpp
     return None
 
 
@@ -94,3 +97,24 @@ class Predictor:
         table = block_table(self.extractor.backbone.unet)
         latent = self.tile_size // self.extractor.backbone.latent_factor
         return max(latent // table[block].downsample for _, block in self.pairs)
+
+    def image_logits(self, rgb: np.ndarray, image_id: str, progress=None) -> np.ndarray:
+        """(classes, H, W) blended logits of an RGB image at the training resolution.
+
+        Tiles and their noise are those extraction would make for an image of this id: same grid, padding,
+        and noise key (id, tile origin), batched as evaluate batches its tiles.
+        """
+        t = self.config.tiling
+        grid = tile_grid(rgb.shape[0], rgb.shape[1], t.tile_size, t.stride)
+        view = PaddedView(rgb, grid, t.pad_mode)
+        origins = grid.origins()
+        stitcher = Stitcher(grid, len(self.class_names), self.config.evaluate.blend)
+        for start in range(0, len(origins), self.batch_size):
+            batch = origins[start : start + self.batch_size]
+            tiles = np.stack([view.tile(origin, t.tile_size) for origin in batch])
+            keys = [f"{image_id}:{y}:{x}" for y, x in batch]
+            for origin, logits in zip(batch, self.tile_logits(tiles, keys), strict=True):
+                stitcher.add(origin, logits)
+            if progress is not None:
+                progress(len(batch))
+        return stitcher.result()

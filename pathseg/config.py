@@ -128,6 +128,7 @@ class BCSSOptions(Section):
 class FolderOptions(Section):
     """Paths are relative to dataset.root unless absolute; without a splits file the split is seeded."""
 
+    mpp: float | None = Field(None, gt=0, description="microns per pixel of the images, for predict on slides")
     classes_file: Path = Path("classes.yaml")
     splits_file: Path = Path("splits.csv")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of images held out for validation")

@@ -738,6 +738,8 @@ def store_key(config: Any) -> str:
     """
     dataset = config.dataset.model_dump(mode="json")
     options = dataset.get(dataset["name"]) if isinstance(dataset.get(dataset["name"]), dict) else None
+    if dataset["name"] == "folder" and options is not None:
+        options = {k: v for k, v in options.items() if k != "mpp"}  # metadata for predict, not content
     root = str(Path(dataset["root"]).resolve()) if dataset["root"] else None
     return digest(
         {

@@ -13,7 +13,7 @@ from pathseg.train_head.fit import fit_head
 from PIL import Image
 
 from pathseg.store import FeatureStore
-from tests.conftest import run_cli
+from tests.conftest import REAL_GLAS, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,46 @@ def test_bad_inputs_fail_in_one_line(trained, tmp_path, monkeypatch, capsys):
         assert code == 2 and message in err, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o1" / "broken" / "areas.csv").exists()
+
+
+@pytest.mark.skipif(not REAL_GLAS.is_dir(), reason="the real GlaS copy is not at ../shared/data/glas")
+def test_predict_equals_evaluate_on_real_glas_images(tmp_path, monkeypatch):
+    """Two real GlaS images as a folder dataset (masks: glands of the instance maps), with their mpp."""
+    from pathseg.extract.runner import run_extraction
+    from pathseg.train_head import evaluate as evaluate_module
+
+    from pathseg.store import store_path_for
+    from tests.conftest import small_config
+
+    root = tmp_path / "glas-folder"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name in ("testA_1", "testA_2", "testA_3"):
+        Image.open(REAL_GLAS / f"{name}.png").convert("RGB").save(root / "images" / f"{name}.png")
+        glands = (np.asarray(Image.open(REAL_GLAS / f"{name}_anno.png")) > 0).astype(np.uint8)
+        Image.fromarray(glands).save(root / "masks" / f"{name}.png")
+    (root / "classes.yaml").write_text("classes: [background, gland]\n")
+    (root / "splits.csv").write_text("testA_1,train\ntestA_2,val\ntestA_3,test\n")
+    settings = {"dataset.name": "folder", "dataset.root": str(root), "tiling.tile_size": 256, "tiling.stride": 192,
+                "extract.timesteps": [50], "extract.blocks": ["up1", "up3.2"], "train.epochs": 1}
+    config = small_config(tmp_path, **settings, **{"dataset.folder.mpp": 0.62005})
+    assert store_path_for(config) == store_path_for(small_config(tmp_path, **settings))  # mpp: metadata only
+    run_extraction(config, show_progress=False)
+    run_dir = fit_head(config, show_progress=False).run_dir
+    predict_images(run_dir, [str(root / "images" / "testA_3.png")], tmp_path / "out", show_progress=False)
+    predicted = np.asarray(Image.open(tmp_path / "out" / "testA_3" / "labels.png"))
+    kept = {}
+    real = evaluate_module.stitched_logits
+
+    def keep(*args, **kwargs):
+        for i, logits in real(*args, **kwargs):
+            kept[i] = logits.argmax(axis=0)
+            yield i, logits
+
+    monkeypatch.setattr(evaluate_module, "stitched_logits", keep)
+    evaluate_run(config, run_dir, splits=["test"], show_progress=False)
+    (only,) = kept.values()
+    np.testing.assert_array_equal(predicted, only)
+    with (tmp_path / "out" / "testA_3" / "areas.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[1]["area_mm2"]) == pytest.approx(int(rows[1]["pixels"]) * 0.62005**2 / 1e6, rel=1e-5)

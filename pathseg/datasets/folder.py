@@ -375,10 +375,13 @@ class FolderDataset(SegmentationDataset):
             "name": self.name,
             "classes_digest": hashlib.sha256(self.classes_path.read_bytes()).hexdigest(),
             "splits_file_digest": splits_digest,
-            "options": self.options.model_dump(mode="json"),
+            "options": self.options.model_dump(mode="json", exclude=METADATA_OPTIONS),
             "splits": self.wanted,
             "files_digest": digest_files(files, self.root),
         }
+
+
+METADATA_OPTIONS = {"mpp"}  # describe the images without changing a pixel: not part of any store's identity
 
 
 def build_folder(config: DatasetConfig) -> FolderDataset:

@@ -264,6 +264,9 @@ def predict(
         float | None, typer.Option("--tissue-threshold", help="slides: saturation (0-1) above which a thumbnail "
                                                               "pixel is tissue (default: Otsu's threshold)")
     ] = None,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="also write per-class probabilities (float16 Zarr)")
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Segment new images and slides with a trained head: label map, QuPath GeoJSON, overlay, per-class areas."""
@@ -275,7 +278,8 @@ def predict(
         raise PathsegError(f"--simplify {simplify} is negative; give a tolerance in px, or 0")
     summary = predict_images(run, inputs, out, backbone=backbone, mpp=mpp, device=device, object_type=object_type,
                              simplify=simplify, use_tissue_mask=not no_tissue_mask,
-                             tissue_threshold=tissue_threshold, show_progress=not quiet)
+                             tissue_threshold=tissue_threshold, probabilities=probabilities,
+                             show_progress=not quiet)
     say(f"predicted {len(summary.written)} images into {out}" +
         (f" ({len(summary.skipped)} already done)" if summary.skipped else ""))
 

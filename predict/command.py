@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 from pathseg.predict.geojson import label_features, write_geojson
 from pathseg.predict.images import expand_inputs, read_rgb, resample, resize_labels
-from pathseg.predict.outputs import area_rows, write_area_table, write_label_map, write_overlay
+from pathseg.predict.outputs import (
+    area_rows,
+    write_area_table,
+    write_label_map,
+    write_overlay,
+    write_probabilities,
+)
 from pathseg.predict.predictor import Predictor
 from pathseg.predict.slide_command import is_slide, predict_slide
 
@@ -55,7 +61,7 @@ def _output_names(paths: list[Path]) -> dict[Path, str]:
 def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str | None = None,
                    mpp: float | None = None, device: str | None = None, object_type: str = "annotation",
                    simplify: float = 0.0, use_tissue_mask: bool = True, tissue_threshold: float | None = None,
-                   show_progress: bool = True) -> PredictionSummary:
+                   probabilities: bool = False, show_progress: bool = True) -> PredictionSummary:
     """Images and slides, mixed; `mpp` is the inputs' resolution (a slide's level 0), when they do not say."""
     paths = expand_inputs(inputs)
     names = _output_names(paths)
@@ -74,15 +80,15 @@ def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str
         if is_slide(path):
             predict_slide(path, folder, predictor, slide_mpp=mpp, use_tissue_mask=use_tissue_mask,
                           tissue_threshold=tissue_threshold, object_type=object_type, simplify=simplify,
-                          show_progress=show_progress)
+                          show_progress=show_progress, probabilities=probabilities)
         else:
-            _predict_image(path, folder, predictor, mpp, object_type, simplify, show_progress)
+            _predict_image(path, folder, predictor, mpp, object_type, simplify, show_progress, probabilities)
         written.append(folder)
     return PredictionSummary(written, skipped)
 
 
 def _predict_image(path: Path, folder: Path, predictor: Predictor, mpp: float | None, object_type: str,
-                   simplify: float, show_progress: bool) -> None:
+                   simplify: float, show_progress: bool, probabilities: bool = False) -> None:
     if mpp is not None and predictor.mpp is None:
         raise PathsegError(f"--mpp {mpp} given, but run {predictor.run.directory} does not know the resolution it "
                            f"was trained at (dataset {predictor.config.dataset.name!r}); leave --mpp out to take "
@@ -96,6 +102,8 @@ def _predict_image(path: Path, folder: Path, predictor: Predictor, mpp: float | 
     if labels.shape != rgb.shape[:2]:
         labels = resize_labels(labels, rgb.shape[:2])
     write_label_map(folder / "labels.png", labels)
+    if probabilities:
+        write_probabilities(folder / "probabilities.zarr", logits)  # at the prediction (training) resolution
     write_overlay(folder / "overlay.png", rgb, labels, predictor.class_names)
     source_mpp = mpp if mpp is not None else predictor.mpp
     background = background_index_of(predictor.class_names)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,26 @@ def atomic_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_directory(building: Path, final: Path) -> None:
+    """Put a finished directory (a Zarr store) in place of any older one by renaming it."""
+    if final.exists():
+        shutil.rmtree(final)
+    building.rename(final)
+
+
+def write_probabilities(path: Path, logits: np.ndarray) -> None:
+    """Per-class probabilities of an image, (classes, H, W) float16 Zarr, made beside `path` and renamed in."""
+    import zarr
+
+    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+    chances = (shifted / shifted.sum(axis=0, keepdims=True)).astype(np.float16)
+    building = path.with_name(f".{path.name}.building")
+    if building.exists():
+        shutil.rmtree(building)
+    zarr.create_array(str(building), data=chances, chunks=(chances.shape[0], 512, 512))
+    publish_directory(building, path)
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

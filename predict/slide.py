@@ -81,9 +81,16 @@ def compute_tiles(slide: Slide, slide_id: str, predictor: Predictor, plan: Slide
     return computed
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities along axis 0."""
+    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return shifted / shifted.sum(axis=0, keepdims=True)
+
+
 def blend_labels(plan: SlidePlan, work: SlideWork, predictor: Predictor, labels: zarr.Array,
-                 empty_label: int) -> None:
-    """Blend the stored tile logits strip by strip into `labels` (height, width) at the prediction mpp."""
+                 empty_label: int, probabilities: zarr.Array | None = None) -> None:
+    """Blend the stored tile logits strip by strip into `labels` (height, width) at the prediction mpp, and
+    into `probabilities` (classes, height, width; 0 where no tissue tile reached) when given."""
     grid = plan.grid
     size, stride = grid.tile_size, grid.stride
     weights = tile_weights(size, predictor.config.evaluate.blend)
@@ -110,3 +117,7 @@ def blend_labels(plan: SlidePlan, work: SlideWork, predictor: Predictor, labels:
         covered = count > 0
         strip = np.where(covered, total.argmax(axis=0), empty_label).astype(np.uint8)
         labels[top:bottom] = strip[:, grid.pad_left : grid.pad_left + grid.width]
+        if probabilities is not None:
+            blended = total / np.where(covered, count, 1.0)
+            chances = np.where(covered, softmax(blended), 0.0)[:, :, grid.pad_left : grid.pad_left + grid.width]
+            probabilities[:, top:bottom] = chances.astype(np.float16)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from pathseg.predict.outputs import write_area_table, write_overlay
+from pathseg.predict.outputs import publish_directory, write_area_table, write_overlay
 from pathseg.predict.predictor import Predictor
 from pathseg.predict.slide import NO_TISSUE, blend_labels, compute_tiles, plan_slide
 from pathseg.predict.slide_outputs import label_counts, labels_at, write_label_ome_tiff, write_slide_geojson
@@ -45,7 +45,7 @@ def is_slide(path: Path) -> bool:
 
 def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: float | None,
                   use_tissue_mask: bool, tissue_threshold: float | None, object_type: str, simplify: float,
-                  show_progress: bool) -> dict:
+                  show_progress: bool, probabilities: bool = False) -> dict:
     if predictor.mpp is None:
         raise PathsegError(f"run {predictor.run.directory} does not know the resolution it was trained at "
                            f"(dataset {predictor.config.dataset.name!r}), so {path.name} cannot be read at it")
@@ -73,7 +73,15 @@ def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: 
         empty = background if background is not None else NO_TISSUE
         labels = work.group.create_array("labels", shape=(plan.grid.height, plan.grid.width), dtype="uint8",
                                          chunks=(plan.grid.stride, 1024), fill_value=empty, overwrite=True)
-        blend_labels(plan, work, predictor, labels, empty)
+        chances = None
+        if probabilities:
+            chances = zarr.create_array(str(folder / ".probabilities.zarr"), shape=(len(predictor.class_names),
+                                        plan.grid.height, plan.grid.width), dtype="float16",
+                                        chunks=(len(predictor.class_names), plan.grid.stride, 1024),
+                                        fill_value=0, overwrite=True)
+        blend_labels(plan, work, predictor, labels, empty, chances)
+        if chances is not None:
+            publish_directory(folder / ".probabilities.zarr", folder / "probabilities.zarr")
         _write_outputs(folder, path, slide, plan, labels, predictor, empty, object_type, simplify)
     work.remove()
     return {"tiles": len(plan.tissue_tiles), "grid_tiles": len(plan.grid)}

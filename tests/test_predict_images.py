@@ -35,8 +35,15 @@ def test_predict_equals_evaluate_on_an_image_of_the_store(trained, tmp_path, mon
     image = tmp_path / "in" / f"{entry.id}.png"
     image.parent.mkdir()
     Image.fromarray(store.image_rgb(index)).save(image)
-    predict_images(run_dir, [str(image)], tmp_path / "out", show_progress=False)
+    predict_images(run_dir, [str(image)], tmp_path / "out", probabilities=True, show_progress=False)
     predicted = np.asarray(Image.open(tmp_path / "out" / entry.id / "labels.png"))
+    import zarr
+
+    chances = np.asarray(zarr.open_array(str(tmp_path / "out" / entry.id / "probabilities.zarr"), mode="r")[:])
+    assert chances.dtype == np.float16 and chances.shape == (len(store.class_names), *predicted.shape)
+    top2 = np.sort(chances.astype(np.float32), axis=0)[-2:]
+    decided = top2[1] - top2[0] > 2e-3  # float16 rounds near-ties together
+    np.testing.assert_array_equal(chances.astype(np.float32).argmax(axis=0)[decided], predicted[decided])
 
     kept = {}
     real = evaluate_module.stitched_logits

@@ -57,14 +57,22 @@ def _count_tiles(monkeypatch) -> list[int]:
 
 def test_slide_outputs_tissue_only_and_geojson_round_trip(glas_run, slide_path, tmp_path, monkeypatch):
     seen = _count_tiles(monkeypatch)
-    predict_images(glas_run, [str(slide_path)], tmp_path / "out", show_progress=False)
+    predict_images(glas_run, [str(slide_path)], tmp_path / "out", probabilities=True, show_progress=False)
     folder = tmp_path / "out" / "case 1"
-    assert not (folder / ".work.zarr").exists()
+    assert not (folder / ".work.zarr").exists() and not (folder / ".probabilities.zarr").exists()
     with tifffile.TiffFile(folder / "labels.ome.tif") as tif:
         labels = tif.series[0].levels[0].asarray()
         assert tif.is_ome and len(tif.series[0].levels) >= 1
         assert f'PhysicalSizeX="{GLAS_MPP}"' in tif.ome_metadata
     assert labels.shape == (350, 450)  # the slide at the training mpp
+    import zarr
+
+    chances = np.asarray(zarr.open_array(str(folder / "probabilities.zarr"), mode="r")[:]).astype(np.float32)
+    covered = chances.sum(axis=0) > 0
+    assert chances.shape == (2, 350, 450) and covered.any() and not covered.all()
+    np.testing.assert_allclose(chances.sum(axis=0)[covered], 1.0, atol=2e-3)
+    decided = covered & (np.abs(chances[1] - chances[0]) > 2e-3)  # float16 rounds near-ties together
+    np.testing.assert_array_equal(chances.argmax(axis=0)[decided], labels[decided])
     grid_tiles = 4 * 5  # 128 px tiles every 96 px over 350 x 450
     assert 0 < sum(seen) < grid_tiles  # blank glass never went through the backbone
     regions = json.loads((folder / "regions.geojson").read_text())

@@ -10,6 +10,7 @@ label map, so memory follows the slide's width, never its area.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,21 +64,34 @@ def tiles_on_tissue(grid: TileGrid, mask: np.ndarray) -> np.ndarray:
 
 def compute_tiles(slide: Slide, slide_id: str, predictor: Predictor, plan: SlidePlan, work: SlideWork,
                   advance: Callable[[int], object]) -> int:
-    """Backbone and head over every unflagged batch of tissue tiles; returns the tiles computed."""
+    """Backbone and head over every unflagged batch of tissue tiles; returns the tiles computed.
+
+    A reader thread reads and resamples batch k+1 from the slide while the model runs batch k (OpenSlide
+    and the resampling release the GIL), so the model does not wait on the file.
+    """
     grid, size = plan.grid, predictor.tile_size
     origins = np.asarray(grid.origins()).reshape(-1, 2)
     tiles = work.tiles
     output_size = predictor.logits_size()
-    computed = 0
-    for batch in work.pending_batches():
+    pending = work.pending_batches()
+
+    def read(batch: int) -> tuple[np.ndarray, list[str]]:
         start, stop = work.batch_range(batch)
         chosen = origins[tiles[start:stop]]
         pixels = np.stack([slide.read(int(x) - grid.pad_left, int(y) - grid.pad_top, size, size, plan.mpp)
                            for y, x in chosen])
-        keys = [f"{slide_id}:{y}:{x}" for y, x in chosen]
-        work.write_batch(batch, predictor.tile_logits(pixels, keys, output_size))
-        computed += stop - start
-        advance(stop - start)
+        return pixels, [f"{slide_id}:{y}:{x}" for y, x in chosen]
+
+    computed = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-slide-read") as reader:
+        upcoming = reader.submit(read, pending[0]) if pending else None
+        for position, batch in enumerate(pending):
+            pixels, keys = upcoming.result()
+            if position + 1 < len(pending):
+                upcoming = reader.submit(read, pending[position + 1])
+            work.write_batch(batch, predictor.tile_logits(pixels, keys, output_size))
+            computed += len(keys)
+            advance(len(keys))
     return computed
 
 

@@ -267,6 +267,12 @@ def predict(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="also write per-class probabilities (float16 Zarr)")
     ] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="local dask workers, one device each; an input per task")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="address of a running dask scheduler to predict on")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Segment new images and slides with a trained head: label map, QuPath GeoJSON, overlay, per-class areas."""
@@ -276,10 +282,12 @@ def predict(
         raise PathsegError(f"--object-type {object_type!r} is not annotation or detection")
     if simplify < 0:
         raise PathsegError(f"--simplify {simplify} is negative; give a tolerance in px, or 0")
-    summary = predict_images(run, inputs, out, backbone=backbone, mpp=mpp, device=device, object_type=object_type,
+    if workers is not None and workers < 1:
+        raise PathsegError(f"--workers {workers}: give 1 or more")
+    summary = predict_images(run, inputs, out, backbone=backbone, device=device, workers=workers or 1,
+                             scheduler=scheduler, show_progress=not quiet, mpp=mpp, object_type=object_type,
                              simplify=simplify, use_tissue_mask=not no_tissue_mask,
-                             tissue_threshold=tissue_threshold, probabilities=probabilities,
-                             show_progress=not quiet)
+                             tissue_threshold=tissue_threshold, probabilities=probabilities)
     say(f"predicted {len(summary.written)} images into {out}" +
         (f" ({len(summary.skipped)} already done)" if summary.skipped else ""))
 

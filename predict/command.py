@@ -58,11 +58,36 @@ def _output_names(paths: list[Path]) -> dict[Path, str]:
     return {path: stem for stem, path in names.items()}
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """How each input is predicted and written; the same for every input of a command."""
+
+    mpp: float | None = None  # the inputs' resolution (a slide's level 0) when they do not say
+    object_type: str = "annotation"
+    simplify: float = 0.0
+    use_tissue_mask: bool = True
+    tissue_threshold: float | None = None
+    probabilities: bool = False
+
+
+def predict_one(path: Path, folder: Path, predictor: Predictor, options: PredictOptions,
+                show_progress: bool) -> None:
+    """One image or slide, all its outputs written (the area table last)."""
+    if is_slide(path):
+        predict_slide(path, folder, predictor, slide_mpp=options.mpp, use_tissue_mask=options.use_tissue_mask,
+                      tissue_threshold=options.tissue_threshold, object_type=options.object_type,
+                      simplify=options.simplify, show_progress=show_progress, probabilities=options.probabilities)
+    else:
+        _predict_image(path, folder, predictor, options.mpp, options.object_type, options.simplify, show_progress,
+                       options.probabilities)
+
+
 def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str | None = None,
-                   mpp: float | None = None, device: str | None = None, object_type: str = "annotation",
-                   simplify: float = 0.0, use_tissue_mask: bool = True, tissue_threshold: float | None = None,
-                   probabilities: bool = False, show_progress: bool = True) -> PredictionSummary:
-    """Images and slides, mixed; `mpp` is the inputs' resolution (a slide's level 0), when they do not say."""
+                   device: str | None = None, workers: int = 1, scheduler: str | None = None,
+                   show_progress: bool = True, **options) -> PredictionSummary:
+    """Images and slides, mixed, in this process or (`workers` > 1, `scheduler`) on dask workers, a whole
+    input per task. `options` are those of `PredictOptions`."""
+    settings = PredictOptions(**options)
     paths = expand_inputs(inputs)
     names = _output_names(paths)
     out = Path(out)
@@ -73,18 +98,17 @@ def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str
         say(f"{len(skipped)} of {len(paths)} inputs already predicted in {out}: skipped")
     if not todo:
         return PredictionSummary([], skipped)
-    predictor = Predictor(Path(run_dir), backbone=backbone, device=device)
-    written = []
-    for path in todo:
-        folder = out / names[path]
-        if is_slide(path):
-            predict_slide(path, folder, predictor, slide_mpp=mpp, use_tissue_mask=use_tissue_mask,
-                          tissue_threshold=tissue_threshold, object_type=object_type, simplify=simplify,
-                          show_progress=show_progress, probabilities=probabilities)
-        else:
-            _predict_image(path, folder, predictor, mpp, object_type, simplify, show_progress, probabilities)
-        written.append(folder)
-    return PredictionSummary(written, skipped)
+    jobs = [(path, out / names[path]) for path in todo]
+    if workers > 1 or scheduler:
+        from pathseg.predict.cluster import predict_on_cluster
+
+        predict_on_cluster(Path(run_dir), jobs, settings, backbone=backbone, device=device, workers=workers,
+                           scheduler=scheduler, show_progress=show_progress)
+    else:
+        predictor = Predictor(Path(run_dir), backbone=backbone, device=device)
+        for path, folder in jobs:
+            predict_one(path, folder, predictor, settings, show_progress)
+    return PredictionSummary([folder for _, folder in jobs], skipped)
 
 
 def _predict_image(path: Path, folder: Path, predictor: Predictor, mpp: float | None, object_type: str,

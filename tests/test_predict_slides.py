@@ -154,3 +154,35 @@ def test_label_pyramid_levels_are_nearest_samples_of_level_zero(tmp_path):
         assert [level.shape for level in levels] == [(1100, 2300), (550, 1150), (275, 575)]
         for index, level in enumerate(levels):
             np.testing.assert_array_equal(level.asarray(), values[:: 2**index, :: 2**index])
+
+
+def test_inputs_spread_over_dask_workers_give_a_single_process_outputs(glas_run, slide_path, tmp_path):
+    pytest.importorskip("distributed")
+    import os
+
+    rgb, _ = he_like_slide(180, 240, seed=3)
+    image = tmp_path / "roi.png"
+    Image.fromarray(rgb).save(image)
+    inputs = [str(slide_path), str(image)]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each dask worker runs with: the same arithmetic, bit for bit
+    try:
+        predict_images(glas_run, inputs, tmp_path / "one", show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    environ = dict(os.environ)
+    try:
+        predict_images(glas_run, inputs, tmp_path / "two", workers=2, show_progress=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    for relative in ("roi/labels.png", "case 1/labels.ome.tif"):
+        ones, twos = (tmp_path / run / relative for run in ("one", "two"))
+        if relative.endswith(".png"):
+            np.testing.assert_array_equal(np.asarray(Image.open(twos)), np.asarray(Image.open(ones)))
+        else:
+            np.testing.assert_array_equal(tifffile.imread(twos), tifffile.imread(ones))
+    again = predict_images(glas_run, inputs, tmp_path / "two", workers=2, show_progress=False)
+    assert again.written == [] and len(again.skipped) == 2  # finished inputs: no cluster is even started

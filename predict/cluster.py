@@ -1,0 +1,53 @@
+"""Many slides on dask.distributed workers: a whole input per task, one device per worker.
+
+The same machinery as extraction (`extract/cluster.py`): a LocalCluster of `--workers` processes or the
+workers of a running scheduler. Each worker builds the run's predictor once and keeps it; each task
+predicts one image or slide into its own folder, so no two workers write the same file, and a rerun
+skips inputs whose outputs are finished (their area table exists).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pathseg.extract.cluster import ExtractionCluster, _distributed, wait_all, worker_device
+from pathseg.predict.command import PredictOptions
+
+from pathseg.config import ExtractConfig
+from pathseg.progress import progress_bar
+
+_worker_state: dict[str, Any] = {}
+
+
+def predict_on_cluster(run_dir: Path, jobs: list[tuple[Path, Path]], options: PredictOptions, *,
+                       backbone: str | None, device: str | None, workers: int, scheduler: str | None,
+                       show_progress: bool) -> None:
+    distributed = _distributed()
+    settings = ExtractConfig(workers=max(1, workers), scheduler=scheduler, device=device or "auto")
+    backbone = str(Path(backbone).resolve()) if backbone and Path(backbone).exists() else backbone
+    with ExtractionCluster(settings, show_progress) as cluster:
+        futures = [cluster.client.submit(predict_task, str(run_dir.resolve()), str(path.resolve()),
+                                         str(folder.resolve()), options, backbone, settings.device, pure=False)
+                   for path, folder in jobs]
+        with progress_bar("predict", len(jobs), "inputs", show_progress) as advance:
+            try:
+                wait_all(distributed.as_completed(futures), advance, distributed.KilledWorker)
+            except BaseException:
+                cluster.client.cancel(futures)
+                raise
+
+
+def predict_task(run_dir: str, path: str, folder: str, options: PredictOptions, backbone: str | None,
+                 device_setting: str) -> int:
+    """On a worker: one input end to end; the predictor is built once per worker and run."""
+    from pathseg.predict.command import predict_one
+    from pathseg.predict.predictor import Predictor
+
+    device = str(worker_device(device_setting))
+    key = f"{run_dir}|{backbone}|{device}"
+    if _worker_state.get("key") != key:
+        _worker_state["predictor"] = Predictor(Path(run_dir), backbone=backbone, device=device)
+        _worker_state["key"] = key
+    predict_one(Path(path), Path(folder), _worker_state["predictor"], options, show_progress=False)
+    return 1

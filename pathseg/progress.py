@@ -6,9 +6,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (tiles/s, images/s): the number a user compares across machines and settings."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
 @contextmanager
@@ -22,6 +44,7 @@ def progress_bar(description: str, total: int, unit: str = "tiles", enabled: boo
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(unit),
+        RateColumn(unit),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),

@@ -28,7 +28,7 @@ FINISHED_MARK = "areas.csv"
 
 
 def is_slide(path: Path) -> bool:
-    """A pyramidal or tiled file OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF...); plain TIFFs are images."""
+    """A file OpenSlide reads (SVS, NDPI, MRXS, tiled or pyramidal TIFF, OME-TIFF); plain TIFFs are images."""
     suffix = path.suffix.lower()
     if suffix in {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm"}:
         return True
@@ -37,9 +37,9 @@ def is_slide(path: Path) -> bool:
     try:
         import openslide
 
-        with openslide.OpenSlide(str(path)) as slide:
-            return slide.level_count > 1 or max(slide.dimensions) > 8192
-    except Exception:  # noqa: BLE001 - anything OpenSlide cannot open is read as a plain image
+        with openslide.OpenSlide(str(path)):
+            return True  # OpenSlide opens tiled TIFFs only (pyramids, OME-TIFF), and reads their mpp
+    except Exception:  # noqa: BLE001 - anything OpenSlide cannot open (a plain, striped TIFF) is an image
         return False
 
 

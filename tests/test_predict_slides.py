@@ -186,3 +186,16 @@ def test_inputs_spread_over_dask_workers_give_a_single_process_outputs(glas_run,
             np.testing.assert_array_equal(tifffile.imread(twos), tifffile.imread(ones))
     again = predict_images(glas_run, inputs, tmp_path / "two", workers=2, show_progress=False)
     assert again.written == [] and len(again.skipped) == 2  # finished inputs: no cluster is even started
+
+
+def test_ome_tiff_slides_are_read_with_their_physical_pixel_size(glas_run, tmp_path):
+    rgb, _ = he_like_slide(400, 520, seed=2)
+    path = tmp_path / "case.ome.tif"
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(rgb, subifds=1, tile=(128, 128), photometric="rgb", resolutionunit="CENTIMETER",
+                  resolution=(1e4 / GLAS_MPP, 1e4 / GLAS_MPP),
+                  metadata={"axes": "YXS", "PhysicalSizeX": GLAS_MPP, "PhysicalSizeY": GLAS_MPP})
+        tif.write(rgb[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb")
+    predict_images(glas_run, [str(path)], tmp_path / "out", show_progress=False)
+    labels = tifffile.imread(tmp_path / "out" / "case.ome" / "labels.ome.tif")
+    assert labels.shape == (400, 520)  # recorded at the training mpp already: no resampling

@@ -46,11 +46,12 @@ def is_slide(path: Path) -> bool:
 def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: float | None,
                   use_tissue_mask: bool, tissue_threshold: float | None, object_type: str, simplify: float,
                   show_progress: bool, probabilities: bool = False) -> dict:
-    if predictor.mpp is None:
-        raise PathsegError(f"run {predictor.run.directory} does not know the resolution it was trained at "
-                           f"(dataset {predictor.config.dataset.name!r}), so {path.name} cannot be read at it")
-    folder.mkdir(parents=True, exist_ok=True)
-    with Slide(path, mpp=slide_mpp) as slide:
+    with Slide(path, mpp=slide_mpp) as slide:  # the file's own problems first
+        if predictor.mpp is None:
+            raise PathsegError(f"run {predictor.run.directory} does not know the resolution it was trained at "
+                               f"(dataset {predictor.config.dataset.name!r}), so {path.name} cannot be read at "
+                               "it; set dataset.folder.mpp when training on your own images")
+        folder.mkdir(parents=True, exist_ok=True)
         plan = plan_slide(slide, predictor, predictor.mpp, use_tissue_mask, tissue_threshold)
         logits_size = predictor.logits_size()
         identity = {"run": str(predictor.run.directory.resolve()), "head": predictor.run.record.get("best_epoch"),

@@ -100,6 +100,8 @@ def test_bad_inputs_fail_in_one_line(trained, tmp_path, monkeypatch, capsys):
     (moved / "run.json").write_text(json.dumps(record))
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")
+    fake_slide = tmp_path / "scan.svs"
+    fake_slide.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing behind it
     cases = [
         ([str(run_dir), str(broken), "--out", str(tmp_path / "o1")], "broken.png: cannot be read"),
         ([str(run_dir), str(text), "--out", str(tmp_path / "o2")], "notes.txt: not a supported image"),
@@ -108,6 +110,7 @@ def test_bad_inputs_fail_in_one_line(trained, tmp_path, monkeypatch, capsys):
         ([str(moved), str(good), "--out", str(tmp_path / "o5")], "pass --backbone"),
         ([str(run_dir), str(good), "--out", str(blocked / "sub")], "cannot be created"),
         ([str(run_dir), str(good), "--mpp", "0.5", "--out", str(tmp_path / "o6")], "leave --mpp out"),
+        ([str(run_dir), str(fake_slide), "--out", str(tmp_path / "o7")], "scan.svs: not a slide OpenSlide can read"),
     ]
     for args, message in cases:
         code, out, err = run_cli(monkeypatch, capsys, "predict", *args, "--quiet")

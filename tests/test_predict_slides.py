@@ -199,3 +199,41 @@ def test_ome_tiff_slides_are_read_with_their_physical_pixel_size(glas_run, tmp_p
     predict_images(glas_run, [str(path)], tmp_path / "out", show_progress=False)
     labels = tifffile.imread(tmp_path / "out" / "case.ome" / "labels.ome.tif")
     assert labels.shape == (400, 520)  # recorded at the training mpp already: no resampling
+
+
+def test_kill_9_mid_slide_then_rerun_loses_at_most_the_batch_in_flight(glas_run, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rgb, _ = he_like_slide(1400, 1800, seed=4)
+    slide = tmp_path / "big.tif"
+    write_pyramid(slide, rgb, mpp=GLAS_MPP / 2, levels=3, tile=128)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "pathseg.cli", "predict", str(glas_run), str(slide), "--out",
+                                str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    flags = out / "big" / ".work.zarr" / "done" / "c"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if flags.is_dir() and any(flags.iterdir()):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "predict finished before it could be killed; make the slide larger"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "big" / "areas.csv").exists() and not (out / "big" / "labels.ome.tif").exists()
+    import zarr
+
+    group = zarr.open_group(str(out / "big" / ".work.zarr"), mode="r")
+    done = np.asarray(group["done"][:]).astype(bool)
+    tiles, batch = group["tiles"].shape[0], int(group.attrs["batch_size"])
+    assert 0 < done.sum() < len(done)
+    kept = sum(min((b + 1) * batch, tiles) - b * batch for b in np.flatnonzero(done))
+    seen = _count_tiles(monkeypatch)
+    predict_images(glas_run, [str(slide)], out, show_progress=False)
+    assert sum(seen) == tiles - kept  # every flagged batch is kept; only unflagged work (the one in flight) is redone
+    assert (out / "big" / "areas.csv").exists() and not (out / "big" / ".work.zarr").exists()
+    predict_images(glas_run, [str(slide)], tmp_path / "uninterrupted", show_progress=False)
+    np.testing.assert_array_equal(tifffile.imread(out / "big" / "labels.ome.tif"),
+                                  tifffile.imread(tmp_path / "uninterrupted" / "big" / "labels.ome.tif"))

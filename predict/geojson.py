@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 from affine import Affine
-from pathseg.predict.outputs import atomic_bytes, class_colour
+from pathseg.predict.outputs import class_colour
 from rasterio.features import shapes
 from shapely.geometry import mapping, shape
+
+from pathseg.files import atomic_write_bytes
 
 NAMESPACE = uuid.UUID("5f1d3a52-8a53-4c3e-9d0c-6b0f4f2b7a11")  # ids are UUIDs (QuPath keeps only those), stable
 
@@ -59,4 +61,4 @@ def label_features(labels: np.ndarray, class_names: list[str], *, image_id: str,
 
 
 def write_geojson(path: Path, features: list[dict]) -> None:
-    atomic_bytes(Path(path), json.dumps({"type": "FeatureCollection", "features": features}).encode())
+    atomic_write_bytes(Path(path), json.dumps({"type": "FeatureCollection", "features": features}).encode())

@@ -7,26 +7,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from pathseg.train_head.overlays import PALETTE, colourise
 from PIL import Image, ImageDraw
 
-
-def atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from pathseg.files import atomic_write_bytes
 
 
 def publish_directory(building: Path, final: Path) -> None:
@@ -63,7 +51,7 @@ def class_colour(index: int) -> tuple[int, int, int]:
 
 def write_label_map(path: Path, labels: np.ndarray) -> None:
     """Class index per pixel, 8-bit grey PNG: opens anywhere, counts exactly."""
-    atomic_bytes(path, _png_bytes(labels.astype(np.uint8)))
+    atomic_write_bytes(path, _png_bytes(labels.astype(np.uint8)))
 
 
 def write_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, class_names: list[str]) -> None:
@@ -77,7 +65,7 @@ def write_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, class_names: 
         y = 3 + 18 * row
         draw.rectangle([4, y, 18, y + 14], fill=class_colour(index), outline="black")
         draw.text((24, y + 1), class_names[index], fill="black")
-    atomic_bytes(path, _png_bytes(np.concatenate([panel, np.asarray(legend)], axis=0)))
+    atomic_write_bytes(path, _png_bytes(np.concatenate([panel, np.asarray(legend)], axis=0)))
 
 
 def area_rows(labels: np.ndarray, class_names: list[str], mpp: float | None) -> list[dict]:
@@ -98,4 +86,4 @@ def write_area_table(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=["class", "pixels", "area_mm2", "fraction"])
     writer.writeheader()
     writer.writerows(rows)
-    atomic_bytes(path, buffer.getvalue().encode())
+    atomic_write_bytes(path, buffer.getvalue().encode())

@@ -16,6 +16,23 @@ from pathseg.store import FeatureStore
 from tests.conftest import REAL_GLAS, run_cli
 
 
+def evaluated_label_maps(config, run_dir, monkeypatch) -> dict[int, np.ndarray]:
+    """The label map `evaluate` scores for each test image, by image index."""
+    from pathseg.train_head import evaluate as evaluate_module
+
+    kept = {}
+    real = evaluate_module.stitched_logits
+
+    def keep(*args, **kwargs):
+        for i, logits in real(*args, **kwargs):
+            kept[i] = logits.argmax(axis=0)
+            yield i, logits
+
+    monkeypatch.setattr(evaluate_module, "stitched_logits", keep)
+    evaluate_run(config, run_dir, splits=["test"], show_progress=False)
+    return kept
+
+
 @pytest.fixture(scope="module")
 def trained(extracted_small, tmp_path_factory):
     config, store_path = extracted_small
@@ -27,8 +44,6 @@ def trained(extracted_small, tmp_path_factory):
 
 def test_predict_equals_evaluate_on_an_image_of_the_store(trained, tmp_path, monkeypatch):
     """Same tiles, noise, precision, float16 rounding, head and blending: the same label map."""
-    from pathseg.train_head import evaluate as evaluate_module
-
     config, store, run_dir = trained
     index = next(i for i, entry in enumerate(store.images) if entry.split == "test")
     entry = store.images[index]
@@ -45,16 +60,7 @@ def test_predict_equals_evaluate_on_an_image_of_the_store(trained, tmp_path, mon
     decided = top2[1] - top2[0] > 2e-3  # float16 rounds near-ties together
     np.testing.assert_array_equal(chances.astype(np.float32).argmax(axis=0)[decided], predicted[decided])
 
-    kept = {}
-    real = evaluate_module.stitched_logits
-
-    def keep(*args, **kwargs):
-        for i, logits in real(*args, **kwargs):
-            kept[i] = logits.argmax(axis=0)
-            yield i, logits
-
-    monkeypatch.setattr(evaluate_module, "stitched_logits", keep)
-    evaluate_run(config, run_dir, splits=["test"], show_progress=False)
+    kept = evaluated_label_maps(config, run_dir, monkeypatch)
     np.testing.assert_array_equal(predicted, kept[index])
 
 
@@ -123,7 +129,6 @@ def test_bad_inputs_fail_in_one_line(trained, tmp_path, monkeypatch, capsys):
 def test_predict_equals_evaluate_on_real_glas_images(tmp_path, monkeypatch):
     """Two real GlaS images as a folder dataset (masks: glands of the instance maps), with their mpp."""
     from pathseg.extract.runner import run_extraction
-    from pathseg.train_head import evaluate as evaluate_module
 
     from pathseg.store import store_path_for
     from tests.conftest import small_config
@@ -145,16 +150,7 @@ def test_predict_equals_evaluate_on_real_glas_images(tmp_path, monkeypatch):
     run_dir = fit_head(config, show_progress=False).run_dir
     predict_images(run_dir, [str(root / "images" / "testA_3.png")], tmp_path / "out", show_progress=False)
     predicted = np.asarray(Image.open(tmp_path / "out" / "testA_3" / "labels.png"))
-    kept = {}
-    real = evaluate_module.stitched_logits
-
-    def keep(*args, **kwargs):
-        for i, logits in real(*args, **kwargs):
-            kept[i] = logits.argmax(axis=0)
-            yield i, logits
-
-    monkeypatch.setattr(evaluate_module, "stitched_logits", keep)
-    evaluate_run(config, run_dir, splits=["test"], show_progress=False)
+    kept = evaluated_label_maps(config, run_dir, monkeypatch)
     (only,) = kept.values()
     np.testing.assert_array_equal(predicted, only)
     with (tmp_path / "out" / "testA_3" / "areas.csv").open() as handle:

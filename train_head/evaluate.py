@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 from pathseg.train_head.fit import pick_device
 from pathseg.train_head.overlays import save_overlay
-from pathseg.train_head.runs import Run, atomic_write_text, extraction_identity, load_run
+from pathseg.train_head.runs import Run, extraction_identity, load_run
 from pathseg.train_head.stitching import stitched_logits
 from pathseg.train_head.tables import metrics_markdown, metrics_text
 
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
+from pathseg.files import atomic_write_text
 from pathseg.metrics import ConfusionMatrix, GlandMetrics, background_index_of, instances_from_semantic, pixel_metrics
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore

@@ -24,7 +24,6 @@ from pathseg.train_head.head import SegmentationHead
 from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.runs import (
     RUN_SCHEMA,
-    atomic_write_text,
     default_run_dir,
     extraction_identity,
     locate_store,
@@ -36,6 +35,7 @@ from torch.nn import functional as F
 
 from pathseg.config import PipelineConfig, config_to_dict
 from pathseg.errors import PathsegError
+from pathseg.files import atomic_write_text
 from pathseg.progress import progress_bar, say
 from pathseg.store import software_versions
 

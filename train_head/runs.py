@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,19 +85,6 @@ def default_run_dir(config: PipelineConfig, store: FeatureStore, pairs: list[tup
     steps = "-".join(f"t{t}" for t in dict.fromkeys(t for t, _ in pairs))
     blocks = "-".join(dict.fromkeys(b for _, b in pairs))
     return Path(config.runs_dir) / store.path.stem / f"{steps}_{blocks}_{run_key(config, store, pairs)[:8]}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_head(head: SegmentationHead, path: Path) -> None:

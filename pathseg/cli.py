@@ -288,7 +288,11 @@ def predict(
                              scheduler=scheduler, show_progress=not quiet, mpp=mpp, object_type=object_type,
                              simplify=simplify, use_tissue_mask=not no_tissue_mask,
                              tissue_threshold=tissue_threshold, probabilities=probabilities)
-    say(f"predicted {len(summary.written)} images into {out}" +
+    if summary.written:
+        from pathseg.predict.command import area_table
+
+        print(area_table(summary.written))
+    say(f"predicted {len(summary.written)} inputs into {out}" +
         (f" ({len(summary.skipped)} already done)" if summary.skipped else ""))
 
 

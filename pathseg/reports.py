@@ -25,7 +25,7 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 def _precision(info: dict) -> str:
     if info.get("compute_precision"):
-        return f"{info['compute_precision']} (backbone compute; features stored as float16)"
+        return f"{info['compute_precision']} (backbone compute; each array's storage dtype is listed below)"
     return "not recorded (made before pathseg recorded it)" if info["features"] else "none yet (nothing computed)"
 
 

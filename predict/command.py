@@ -111,6 +111,21 @@ def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str
     return PredictionSummary([folder for _, folder in jobs], skipped)
 
 
+def area_table(folders: list[Path]) -> str:
+    """Every finished input's per-class areas as one printed table (read back from their area tables)."""
+    import csv
+
+    from pathseg.reports import table
+
+    rows = []
+    for folder in folders:
+        with (folder / FINISHED_MARK).open() as handle:
+            for row in csv.DictReader(handle):
+                rows.append([folder.name, row["class"], row["pixels"], row["area_mm2"] or "-",
+                             f"{100 * float(row['fraction']):.1f}%"])
+    return table(["input", "class", "pixels", "mm2", "share"], rows)
+
+
 def _predict_image(path: Path, folder: Path, predictor: Predictor, mpp: float | None, object_type: str,
                    simplify: float, show_progress: bool, probabilities: bool = False) -> None:
     if mpp is not None and predictor.mpp is None:

@@ -156,3 +156,15 @@ def test_predict_equals_evaluate_on_real_glas_images(tmp_path, monkeypatch):
     with (tmp_path / "out" / "testA_3" / "areas.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert float(rows[1]["area_mm2"]) == pytest.approx(int(rows[1]["pixels"]) * 0.62005**2 / 1e6, rel=1e-5)
+
+
+def test_cli_prints_the_area_table(trained, tmp_path, monkeypatch, capsys):
+    _, store, run_dir = trained
+    Image.fromarray(store.image_rgb(0)).save(tmp_path / "x.png")
+    code, out, err = run_cli(monkeypatch, capsys, "predict", str(run_dir), str(tmp_path / "x.png"), "--out",
+                             str(tmp_path / "o"), "--quiet")
+    assert code == 0, err
+    header, _, *rows = out.strip().splitlines()
+    assert header.split() == ["input", "class", "pixels", "mm2", "share"]
+    assert [row.split()[1] for row in rows] == store.class_names
+    assert "predicted 1 inputs" in err

@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from affine import Affine
 from pathseg.predict.outputs import class_colour
 from rasterio.features import shapes
+from rasterio.transform import Affine
 from shapely.geometry import mapping, shape
 
 from pathseg.files import atomic_write_bytes

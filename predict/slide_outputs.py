@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from affine import Affine
 from pathseg.predict.geojson import NAMESPACE, write_geojson
 from rasterio.features import shapes
+from rasterio.transform import Affine
 from shapely.geometry import mapping, shape
 from shapely.ops import unary_union
 

@@ -54,7 +54,9 @@ def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: 
         folder.mkdir(parents=True, exist_ok=True)
         plan = plan_slide(slide, predictor, predictor.mpp, use_tissue_mask, tissue_threshold)
         logits_size = predictor.logits_size()
-        identity = {"run": str(predictor.run.directory.resolve()), "head": predictor.run.record.get("best_epoch"),
+        head = predictor.run.directory / "head.safetensors"
+        identity = {"run": str(predictor.run.directory.resolve()),
+                    "head": [head.stat().st_size, head.stat().st_mtime_ns],
                     "run_store": predictor.run.record.get("store_fingerprint"), "slide": str(path.resolve()),
                     "slide_bytes": path.stat().st_size, "slide_mtime": path.stat().st_mtime_ns,
                     "slide_mpp": slide.mpp, "mpp": plan.mpp, "tiles": digest(plan.tissue_tiles.tolist()),

@@ -42,7 +42,7 @@ from typing import Any
 import _common as common
 import torch
 from pathseg.extract import backbone as backbone_module
-from pathseg.extract import runner
+from pathseg.extract import precision, runner
 from pathseg.extract.backbone import Backbone, load_backbone
 from pathseg.extract.backbone_info import compute_per_tile
 from pathseg.extract.tiles import TileSource, plan_tiles
@@ -198,7 +198,7 @@ def bare_forward_pass(backbone: Backbone, inputs: list[tuple[torch.Tensor, torch
     device = backbone.device
     synchronize(device)
     started = time.perf_counter()
-    with torch.inference_mode(), runner.autocast_for(device, autocast):
+    with torch.inference_mode(), precision.autocast_for(device, autocast):
         for zt, context in inputs:
             for timestep in timesteps:
                 steps = torch.full((zt.shape[0],), timestep, dtype=torch.long, device=device)
@@ -215,7 +215,7 @@ def encode_pass(backbone: Backbone, sizes: list[int], tile_size: int, autocast: 
               for size in sizes]
     synchronize(device)
     started = time.perf_counter()
-    with torch.inference_mode(), runner.autocast_for(device, autocast):
+    with torch.inference_mode(), precision.autocast_for(device, autocast):
         for batch in images:
             backbone.encode(batch)
     synchronize(device)
@@ -224,7 +224,7 @@ def encode_pass(backbone: Backbone, sizes: list[int], tile_size: int, autocast: 
 
 def run_case(case: Case, workdir: Path, repeats: int, seed: int, given_peak: float | None) -> dict[str, Any]:
     config = common.synthetic_config(workdir, case.overrides())
-    device = runner.pick_device(case.device)
+    device = precision.pick_device(case.device)
     cost = compute_per_tile(case.backbone, None, case.tile_size)
     records = build_dataset(config.dataset).records()
     _, origins = plan_tiles(records, case.tile_size, case.stride)

@@ -166,7 +166,7 @@ def worker_slot(dask_worker=None) -> int:
 
 def worker_device(setting: str, dask_worker=None) -> torch.device:
     """`cuda` without an index means this worker's own GPU."""
-    from pathseg.extract.runner import pick_device
+    from pathseg.extract.precision import pick_device
 
     device = pick_device(setting)
     if device.type == "cuda" and device.index is None:
@@ -176,7 +176,7 @@ def worker_device(setting: str, dask_worker=None) -> torch.device:
 
 def worker_precision(device_setting: str, autocast: str, dask_worker=None) -> str:
     """Run through `client.run` on every worker, each answering for its own device."""
-    from pathseg.extract.runner import resolved_precision
+    from pathseg.extract.precision import resolved_precision
 
     return resolved_precision(worker_device(device_setting, dask_worker), autocast)
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from pathseg.extract.backbone import load_backbone
 from pathseg.extract.blocks import block_table
-from pathseg.extract.runner import _Extractor, pick_device, prepare_for_device
+from pathseg.extract.precision import pick_device
+from pathseg.extract.runner import _Extractor, prepare_for_device
 from pathseg.extract.tiles import PaddedView, tile_noise
 from pathseg.train_head.runs import Run, load_run
 

@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from pathseg.extract import runner
+from pathseg.extract import precision, runner
 from pathseg.extract.backbone import load_backbone
 from pathseg.extract.tiles import tile_noise
 
@@ -261,9 +261,9 @@ def test_nan_from_the_model_is_refused_naming_the_block(tmp_path, monkeypatch):
 def test_no_silent_float16_on_a_gpu_without_bfloat16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     gpu = torch.device("cuda")
-    assert runner.compute_dtype(gpu, "auto") == torch.float32
-    assert runner.compute_dtype(gpu, "float16") == torch.float16
+    assert precision.compute_dtype(gpu, "auto") == torch.float32
+    assert precision.compute_dtype(gpu, "float16") == torch.float16
     with pytest.raises(PathsegError, match="no bfloat16 support; set extract.autocast to off"):
-        runner.compute_dtype(gpu, "bfloat16")
+        precision.compute_dtype(gpu, "bfloat16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert runner.compute_dtype(gpu, "auto") == torch.bfloat16
+    assert precision.compute_dtype(gpu, "auto") == torch.bfloat16

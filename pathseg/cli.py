@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pathseg.cli_predict import predict
 from pathseg.config import PipelineConfig, load_config, parse_override
 from pathseg.errors import PathsegError
 from pathseg.progress import console, say
@@ -238,64 +239,6 @@ def evaluate(
     evaluate_run(cfg, run, store_path=store, show_progress=not quiet)
 
 
-@app.command()
-def predict(
-    run: Annotated[Path, typer.Argument(help="run directory of `pathseg fit-head`")],
-    inputs: Annotated[list[str], typer.Argument(help="images and slides, folders of them, or globs")],
-    out: Annotated[Path, typer.Option("--out", help="folder for the outputs (one subfolder per image)")],
-    backbone: Annotated[
-        str | None, typer.Option("--backbone", help="the run's backbone at another path (if it moved)")
-    ] = None,
-    mpp: Annotated[
-        float | None, typer.Option("--mpp", help="microns per pixel of the inputs, level 0 for slides (default: "
-                                                 "what a slide records; the training mpp for images)")
-    ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")] = None,
-    object_type: Annotated[
-        str, typer.Option("--object-type", help="QuPath object type of the GeoJSON regions: annotation or detection")
-    ] = "annotation",
-    simplify: Annotated[
-        float, typer.Option("--simplify", help="polygon simplification tolerance in px (0: exact pixel edges)")
-    ] = 0.0,
-    no_tissue_mask: Annotated[
-        bool, typer.Option("--no-tissue-mask", help="slides: predict every tile, not only those with tissue")
-    ] = False,
-    tissue_threshold: Annotated[
-        float | None, typer.Option("--tissue-threshold", help="slides: saturation (0-1) above which a thumbnail "
-                                                              "pixel is tissue (default: Otsu's threshold)")
-    ] = None,
-    probabilities: Annotated[
-        bool, typer.Option("--probabilities", help="also write per-class probabilities (float16 Zarr)")
-    ] = False,
-    workers: Annotated[
-        int | None, typer.Option("--workers", help="local dask workers, one device each; an input per task")
-    ] = None,
-    scheduler: Annotated[
-        str | None, typer.Option("--scheduler", help="address of a running dask scheduler to predict on")
-    ] = None,
-    quiet: QuietOption = False,
-) -> None:
-    """Segment new images and slides with a trained head: label map, QuPath GeoJSON, overlay, per-class areas."""
-    from pathseg.predict.command import predict_images
-
-    if object_type not in ("annotation", "detection"):
-        raise PathsegError(f"--object-type {object_type!r} is not annotation or detection")
-    if simplify < 0:
-        raise PathsegError(f"--simplify {simplify} is negative; give a tolerance in px, or 0")
-    if workers is not None and workers < 1:
-        raise PathsegError(f"--workers {workers}: give 1 or more")
-    summary = predict_images(run, inputs, out, backbone=backbone, device=device, workers=workers or 1,
-                             scheduler=scheduler, show_progress=not quiet, mpp=mpp, object_type=object_type,
-                             simplify=simplify, use_tissue_mask=not no_tissue_mask,
-                             tissue_threshold=tissue_threshold, probabilities=probabilities)
-    if summary.written:
-        from pathseg.predict.command import area_table
-
-        print(area_table(summary.written))
-    say(f"predicted {len(summary.written)} inputs into {out}" +
-        (f" ({len(summary.skipped)} already done)" if summary.skipped else ""))
-
-
 @app.command("run")
 def run_all(
     config: ConfigOption = None,
@@ -431,6 +374,9 @@ def convert_ldm_command(
         f"({', '.join(report['ignored']) or 'none'}), {len(report['schedule_buffers_checked'])} schedule buffers "
         f"checked; details in {out / 'conversion_report.json'}"
     )
+
+
+app.command("predict")(predict)
 
 
 def main() -> None:

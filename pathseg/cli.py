@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from pathseg.cli_predict import predict
 from pathseg.config import PipelineConfig, load_config, parse_override
 from pathseg.errors import PathsegError
+from pathseg.predict.cli import predict
 from pathseg.progress import console, say
 
 app = typer.Typer(

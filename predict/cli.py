@@ -1,6 +1,6 @@
 """`pathseg predict` on the command line: a trained head on new images and slides.
 
-Kept apart from `cli.py` (which registers it) because its options are many and its own.
+Kept apart from `pathseg/cli.py` (which registers it) because its options are many and its own.
 """
 
 from __future__ import annotations

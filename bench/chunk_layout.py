@@ -34,7 +34,8 @@ import zarr
 from pathseg.extract.runner import run_extraction
 from zarr.codecs import ZstdCodec
 
-from pathseg.store import FeatureStore, _fsync_file, feature_key, read_rows
+from pathseg.store import FeatureStore, feature_key, read_rows
+from pathseg.store_files import _fsync_file
 
 DEFAULT_LAYOUT = (1, 16)  # (tiles per chunk, tiles per shard) that the store uses by default
 

@@ -28,7 +28,8 @@ from pathseg.datasets import build_dataset
 from pathseg.errors import PathsegError
 from pathseg.locking import store_lock
 from pathseg.progress import progress_bar, say
-from pathseg.store import FeatureStore, digest, feature_key, remove_partial_files, store_path_for
+from pathseg.store import FeatureStore, digest, feature_key, store_path_for
+from pathseg.store_files import remove_partial_files
 
 
 @dataclass

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pathseg.errors import PathsegError
+from pathseg.store_files import _fsync_dir, _fsync_file, _fsync_tree
 from pathseg.tiling import TileGrid
 
 SCHEMA_VERSION = 1
@@ -500,140 +500,19 @@ class FeatureStore:
         if self.attrs.get("block_aliases") != aliases:
             self.group.attrs["block_aliases"] = aliases
 
-    # ---- integrity -----------------------------------------------------------------------------
+    # ---- integrity and reporting (pathseg/store_integrity.py) -----------------------------------------
 
     def verify(self, check_values: bool = True, progress=None) -> dict:
-        """Everything that can be wrong with a store, as a list of one-line problems (empty: sound).
+        """Everything that can be wrong with the store, as one-line problems (see `verify_store`)."""
+        from pathseg.store_integrity import verify_store
 
-        Checks the fingerprint against the recorded identity and config, the tile and image tables,
-        every feature array's shape, dtype and chunking against the attrs, completeness flags, and
-        (with `check_values`) NaN/Inf in every finished shard, read shard by shard through dask.
-        """
-        problems: list[str] = []
-        attrs = self.attrs
-        identity, config = attrs.get("identity", {}), attrs.get("config", {})
-        if digest(identity) != attrs.get("fingerprint"):
-            problems.append("fingerprint does not match the recorded identity")
-        recorded = {
-            "tiling": (identity.get("tiling"), config.get("tiling")),
-            "noise seed": (identity.get("noise_seed"), config.get("extract", {}).get("noise_seed")),
-            "backbone": (identity.get("backbone", {}).get("name"), config.get("backbone", {}).get("name")),
-            "conditioning mode": (identity.get("conditioning", {}).get("mode"),
-                                  config.get("conditioning", {}).get("mode")),
-        }
-        for what, (in_identity, in_config) in recorded.items():
-            if in_identity != in_config:
-                problems.append(f"{what} in the fingerprint ({in_identity}) differs from the recorded config "
-                                f"({in_config})")
-        n, size = self.n_tiles, self.tile_size
-        planned = sum(entry.n_tiles for entry in self.images)
-        if planned != n:
-            problems.append(f"image table plans {planned} tiles but tiles/image holds {n}")
-        for key, shape, dtype in (("tiles/origin", (n, 2), "int32"), ("tiles/labels", (n, size, size), "uint8")):
-            array = self.group.get(key)
-            if array is None or tuple(array.shape) != shape or str(array.dtype) != dtype:
-                found = "missing" if array is None else f"{tuple(array.shape)} {array.dtype}"
-                problems.append(f"{key} is {found}, expected {shape} {dtype}")
-        unwritten = int((~self.image_done()).sum())
-        if unwritten:
-            problems.append(f"{unwritten} of {len(self.images)} images not written (rerun `pathseg extract`)")
-        for index, entry in enumerate(self.images):
-            if not self.image_done()[index]:
-                continue
-            rgb = self.group.get(f"images/{index}/rgb")
-            if rgb is None or tuple(rgb.shape) != (entry.height, entry.width, 3):
-                problems.append(f"image {entry.id!r}: stored pixels missing or not {entry.height}x{entry.width}")
-        registry = attrs.get("features", {})
-        checked = nonfinite_total = 0
-        for key, row in sorted(registry.items()):
-            info = FeatureInfo(**row)
-            array = self.group.get(f"features/{key}")
-            flags = self.group.get(f"done/{key}")
-            expected = (n, info.channels, info.height, info.width)
-            if array is None or flags is None:
-                problems.append(f"features/{key}: recorded in attrs but its array or done flags are missing")
-                continue
-            if tuple(array.shape) != expected or str(array.dtype) != info.dtype:
-                problems.append(f"features/{key} is {tuple(array.shape)} {array.dtype}, attrs say {expected} "
-                                f"{info.dtype}")
-                continue
-            if tuple(array.chunks) != (1, *expected[1:]) or tuple(flags.shape) != (self.n_shards,):
-                problems.append(f"features/{key}: chunking or done flags differ from one tile per chunk, "
-                                f"{self.tiles_per_shard} tiles per shard")
-                continue
-            done = np.asarray(flags[:]).astype(bool)
-            if not done.all():
-                problems.append(f"features/{key}: {int((~done).sum())} of {len(done)} shards missing "
-                                "(rerun `pathseg extract` to finish them)")
-            if check_values:
-                bad = self._nonfinite_tiles(array, done)
-                checked += int(sum(self.shard_range(s)[1] - self.shard_range(s)[0] for s in np.flatnonzero(done)))
-                if bad:
-                    nonfinite_total += len(bad)
-                    shown = ", ".join(str(t) for t in bad[:5]) + (" ..." if len(bad) > 5 else "")
-                    problems.append(f"features/{key}: {len(bad)} tiles hold NaN or Inf (tiles {shown})")
-            if progress is not None:
-                progress(1)
-        present = {f"{t.basename}/{a}" for t in _children(self.group.get("features")) for a in _names(t)}
-        for stray in sorted(present - set(registry)):
-            problems.append(f"features/{stray} is not recorded in the store's attrs (left by an interrupted run?)")
-        return {"path": str(self.path), "problems": problems, "arrays": len(registry),
-                "tiles_value_checked": checked, "nonfinite_tiles": nonfinite_total}
-
-    def _nonfinite_tiles(self, array: zarr.Array, done: np.ndarray) -> list[int]:
-        """Indices of finished tiles holding NaN/Inf; dask reads one shard per task, in parallel."""
-        import dask.array as da
-
-        per_shard = self.tiles_per_shard
-        lazy = da.from_zarr(array, chunks=(per_shard, *array.shape[1:]))
-        bad_tiles = (~da.isfinite(lazy)).any(axis=(1, 2, 3))
-        flags = np.asarray(bad_tiles.compute(scheduler="threads"))
-        finished = np.repeat(done, per_shard)[: self.n_tiles]
-        return np.flatnonzero(flags & finished).tolist()
-
-    # ---- reporting -----------------------------------------------------------------------------
+        return verify_store(self, check_values, progress)
 
     def info(self) -> dict:
         """What is cached, its size on disk, compression ratio and completeness."""
-        rows = []
-        for info in self.feature_infos():
-            key = feature_key(info.timestep, info.block)
-            array = self.group[f"features/{key}"]
-            stored = _bytes_under(self.path / "features" / key)
-            raw = int(np.prod(array.shape)) * array.dtype.itemsize
-            missing = len(self.missing_shards(info.timestep, info.block))
-            rows.append(
-                {
-                    "timestep": info.timestep,
-                    "block": info.block,
-                    "shape": list(array.shape),
-                    "dtype": str(array.dtype),
-                    "bytes_on_disk": stored,
-                    "compression_ratio": round(raw / stored, 2) if stored else None,
-                    "complete": missing == 0,
-                    "missing_shards": missing,
-                }
-            )
-        entries = self.images
-        splits: dict[str, int] = {}
-        for entry in entries:
-            splits[entry.split] = splits.get(entry.split, 0) + 1
-        images_done = self.image_done()
-        return {
-            "path": str(self.path),
-            "fingerprint": self.fingerprint,
-            "dataset": self.attrs["identity"].get("dataset", {}).get("name"),
-            "backbone": self.attrs["identity"].get("backbone"),
-            "images": len(entries),
-            "images_written": int(images_done.sum()),
-            "splits": splits,
-            "tiles": self.n_tiles,
-            "tile_size": self.tile_size,
-            "compute_precision": self.compute_precision,
-            "bytes_on_disk": _bytes_under(self.path),
-            "features": rows,
-            "complete": bool(images_done.all()) and all(row["complete"] for row in rows),
-        }
+        from pathseg.store_integrity import store_info
+
+        return store_info(self)
 
 
 def read_rows(array: zarr.Array, rows: np.ndarray | slice) -> np.ndarray:
@@ -658,69 +537,6 @@ def read_rows(array: zarr.Array, rows: np.ndarray | slice) -> np.ndarray:
         out[order[start:stop]] = array[first : last + 1]
         start = stop
     return out
-
-
-def _children(group: zarr.Group | None) -> list[zarr.Group]:
-    if group is None:
-        return []
-    return [member for _, member in group.members() if isinstance(member, zarr.Group)]
-
-
-def _names(group: zarr.Group) -> list[str]:
-    return [name for name, member in group.members() if isinstance(member, zarr.Array)]
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a written chunk or shard (a file, or the directory of its key's remaining parts) and its folder."""
-    path = Path(path)
-    if path.is_dir():
-        _fsync_tree(path)
-        return
-    if not path.exists():  # an all-fill-value chunk is not written at all
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # some file systems cannot sync directories; the file itself was synced
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(root: Path) -> None:
-    root = Path(root)
-    if not root.exists():
-        return
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync_file(Path(folder) / name)
-        _fsync_dir(Path(folder))
-
-
-def remove_partial_files(path: Path) -> int:
-    """Temporary files a killed writer left behind (zarr writes `<chunk>.<uuid>.partial`, then renames)."""
-    removed = 0
-    for leftover in Path(path).rglob("*.partial"):
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _bytes_under(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def list_stores(cache_dir: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from pathseg.errors import PathsegError
 
-SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".tif", ".tiff", ".dcm"}
+SLIDE_ONLY_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm"}  # never plain images
 THUMBNAIL_MPP = 8.0  # µm/px of the tissue-detection thumbnail (~1.25x objective)
 
 

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pathseg.errors import PathsegError
+from pathseg.slides import SLIDE_ONLY_SUFFIXES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-SLIDE_ONLY_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm"}
 INPUT_SUFFIXES = IMAGE_SUFFIXES | SLIDE_ONLY_SUFFIXES
 
 

@@ -21,7 +21,7 @@ from pathseg.predict.slide_work import SlideWork
 from pathseg.errors import PathsegError
 from pathseg.metrics import background_index_of
 from pathseg.progress import progress_bar, say
-from pathseg.slides import Slide
+from pathseg.slides import SLIDE_ONLY_SUFFIXES, Slide
 from pathseg.store import digest
 
 FINISHED_MARK = "areas.csv"
@@ -30,7 +30,7 @@ FINISHED_MARK = "areas.csv"
 def is_slide(path: Path) -> bool:
     """A file OpenSlide reads (SVS, NDPI, MRXS, tiled or pyramidal TIFF, OME-TIFF); plain TIFFs are images."""
     suffix = path.suffix.lower()
-    if suffix in {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm"}:
+    if suffix in SLIDE_ONLY_SUFFIXES:
         return True
     if suffix not in {".tif", ".tiff"}:
         return False

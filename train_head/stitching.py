@@ -33,15 +33,12 @@ def stitched_logits(head: SegmentationHead, store: FeatureStore, pairs: list[tup
     tile_image = store.tile_images()
     loader = StoreLoader(store, pairs, tiles, batch_size, prefetch=prefetch, with_labels=False)
     open_images: dict[int, Stitcher] = {}
-    wanted = set(images)
     head.eval()
     with torch.inference_mode():
         for batch in loader:
             logits = head([f.to(device) for f in batch.features], store.tile_size).float().cpu().numpy()
             for tile, tile_logits in zip(batch.tiles, logits, strict=True):
                 index = int(tile_image[tile])
-                if index not in wanted:
-                    continue
                 if index not in open_images:
                     open_images[index] = Stitcher(store.image_grid(index), head.num_classes, blend)
                 stitcher = open_images[index]

@@ -70,8 +70,9 @@ def _note(report: dict) -> str:
         parts.append(f"pixels labelled {report['ignore_index']} (ignore) are not scored")
     note = "; ".join(parts) + "."
     if any("objects" in split for split in report["splits"].values()):
-        note += (" Object metrics follow the GlaS contest (F1 pooled over the split; object Dice and Hausdorff "
-                 "averaged over images).")
+        note += (" Object metrics follow the GlaS contest: F1, object Dice and object Hausdorff are pooled over all "
+                 "objects of the split (Dice and Hausdorff weighted by object area), as the contest and published "
+                 "figures are; per-image means are in metrics.json under *_mean_of_images.")
     return note
 
 

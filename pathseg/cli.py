@@ -8,14 +8,35 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from pathseg.config import PipelineConfig, load_config, parse_override
+from pathseg.cli_options import (
+    BackboneConfigOption,
+    BackboneOption,
+    BlocksOption,
+    ConfigOption,
+    DataRootOption,
+    DatasetOption,
+    EpochsOption,
+    HeadBlocksOption,
+    HeadTimestepsOption,
+    QuietOption,
+    RunDirOption,
+    SetOption,
+    SplitsOption,
+    StoreOption,
+    TimestepsOption,
+    build_config,
+    split_list,
+)
 from pathseg.errors import PathsegError
 from pathseg.predict.cli import predict
+from pathseg.pretrain.cli import pretrain
 from pathseg.progress import console, say
+from pathseg.train_head.ablate_cli import ablate
+from pathseg.train_head.heads import check_kind, head_kinds
 
 app = typer.Typer(
     add_completion=False,
@@ -27,69 +48,6 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature st
 backbone_app = typer.Typer(no_args_is_help=True, help="Inspect backbones.")
 app.add_typer(cache_app, name="cache")
 app.add_typer(backbone_app, name="backbone")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="pipeline.yaml to read (default: ./pipeline.yaml if present, else built-in defaults)"
-    ),
-]
-SetOption = Annotated[
-    list[str] | None, typer.Option("--set", help="override any setting: section.key=value (repeatable)")
-]
-DatasetOption = Annotated[str | None, typer.Option("--dataset", help="dataset name (synthetic, glas, ...)")]
-DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="folder holding the dataset's files")]
-BackboneOption = Annotated[
-    str | None, typer.Option("--backbone", help="tiny, paper-random, a diffusers directory or a .ckpt")
-]
-BackboneConfigOption = Annotated[
-    Path | None, typer.Option("--backbone-config", help="the original LDM project YAML of a .ckpt")
-]
-TimestepsOption = Annotated[
-    str | None, typer.Option("--timesteps", help="comma-separated noise timesteps, e.g. 50,150,250")
-]
-BlocksOption = Annotated[
-    str | None, typer.Option("--blocks", help="comma-separated blocks, e.g. up1,up2.2 or output_blocks.5")
-]
-StoreOption = Annotated[
-    Path | None, typer.Option("--store", help="feature store path (default: derived from the config)")
-]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-
-
-def _split(text: str | None, cast=str) -> list | None:
-    if text is None:
-        return None
-    try:
-        return [cast(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise PathsegError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def build_config(config: Path | None, sets: list[str] | None, **flags: Any) -> PipelineConfig:
-    """Flags win over --set, which wins over the YAML file."""
-    overrides: dict[str, Any] = dict(parse_override(item) for item in sets or [])
-    if config is None and Path("pipeline.yaml").is_file():
-        config = Path("pipeline.yaml")
-    mapping = {
-        "dataset": "dataset.name",
-        "data_root": "dataset.root",
-        "backbone": "backbone.name",
-        "backbone_config": "backbone.config",
-        "timesteps": "extract.timesteps",
-        "blocks": "extract.blocks",
-        "head_timesteps": "head.timesteps",
-        "head_blocks": "head.blocks",
-        "epochs": "train.epochs",
-        "splits": "evaluate.splits",
-        "workers": "extract.workers",
-        "scheduler": "extract.scheduler",
-    }
-    for flag, value in flags.items():
-        if value is not None:
-            overrides[mapping[flag]] = str(value) if isinstance(value, Path) else value
-    return load_config(config, overrides)
-
 
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
@@ -126,8 +84,8 @@ def extract(
         data_root=data_root,
         backbone=backbone,
         backbone_config=backbone_config,
-        timesteps=_split(timesteps, int),
-        blocks=_split(blocks),
+        timesteps=split_list(timesteps, int),
+        blocks=split_list(blocks),
         workers=workers,
         scheduler=scheduler,
     )
@@ -141,15 +99,7 @@ def extract(
         )
 
 
-HeadTimestepsOption = Annotated[
-    str | None, typer.Option("--head-timesteps", help="subset of cached timesteps for the head")
-]
-HeadBlocksOption = Annotated[str | None, typer.Option("--head-blocks", help="subset of cached blocks for the head")]
-RunDirOption = Annotated[
-    Path | None, typer.Option("--run-dir", help="run directory (default: derived from the config)")
-]
-EpochsOption = Annotated[int | None, typer.Option("--epochs", help="training epochs")]
-SplitsOption = Annotated[str | None, typer.Option("--splits", help="comma-separated splits to evaluate")]
+HeadKindOption = Annotated[str | None, typer.Option("--head-kind", help=f"head kind: {' | '.join(head_kinds())}")]
 
 
 @app.command("fit-head")
@@ -162,6 +112,7 @@ def fit_head_command(
     backbone_config: BackboneConfigOption = None,
     head_timesteps: HeadTimestepsOption = None,
     head_blocks: HeadBlocksOption = None,
+    head_kind: HeadKindOption = None,
     epochs: EpochsOption = None,
     store: StoreOption = None,
     run_dir: RunDirOption = None,
@@ -177,10 +128,12 @@ def fit_head_command(
         data_root=data_root,
         backbone=backbone,
         backbone_config=backbone_config,
-        head_timesteps=_split(head_timesteps, int),
-        head_blocks=_split(head_blocks),
+        head_timesteps=split_list(head_timesteps, int),
+        head_blocks=split_list(head_blocks),
+        head_kind=head_kind,
         epochs=epochs,
     )
+    check_kind(cfg.head.kind)  # --head-kind, --set or the YAML: refused before a store is opened or a run made
     fit_head(cfg, store_path=store, run_dir=run_dir, show_progress=not quiet)
 
 
@@ -229,9 +182,9 @@ def evaluate(
         data_root=data_root,
         backbone=backbone,
         backbone_config=backbone_config,
-        head_timesteps=_split(head_timesteps, int),
-        head_blocks=_split(head_blocks),
-        splits=_split(splits),
+        head_timesteps=split_list(head_timesteps, int),
+        head_blocks=split_list(head_blocks),
+        splits=split_list(splits),
     )
     if run is None:
         feature_store = locate_store(cfg, store)
@@ -265,10 +218,11 @@ def run_all(
         data_root=data_root,
         backbone=backbone,
         backbone_config=backbone_config,
-        timesteps=_split(timesteps, int),
-        blocks=_split(blocks),
+        timesteps=split_list(timesteps, int),
+        blocks=split_list(blocks),
         epochs=epochs,
     )
+    check_kind(cfg.head.kind)  # before the extraction, not after it
     summary = run_extraction(cfg, overwrite=overwrite, show_progress=not quiet)
     computed = "cached" if summary.nothing_to_do else f"{summary.computed_tiles} tiles computed"
     say(f"features: {summary.store} ({computed})")
@@ -377,6 +331,8 @@ def convert_ldm_command(
 
 
 app.command("predict")(predict)
+app.command("ablate")(ablate)
+app.command("pretrain")(pretrain)
 
 
 def main() -> None:

@@ -227,6 +227,17 @@ class HeadConfig(Section):
     projection_width: int = Field(32, ge=1)
     depth: int = Field(2, ge=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    kind: str = "conv"  # checked against train_head/heads.py when the head is built (config must not import it)
+    mlp_hidden: list[int] = Field([256, 128], min_length=1)
+    ensemble: int = Field(10, ge=1)
+    pixels_per_tile: int = Field(1024, ge=1)
+
+    @field_validator("mlp_hidden")
+    @classmethod
+    def _hidden_positive(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError(f"hidden sizes {value} must all be at least 1")
+        return value
 
 
 class TrainConfig(Section):
@@ -250,6 +261,68 @@ class EvaluateConfig(Section):
     min_object_area: int = Field(0, ge=0)
 
 
+class AblateConfig(Section):
+    """`pathseg ablate`: a grid of heads from one store, each repeated over seeds, selected on validation."""
+
+    timesteps: list[int] | None = None  # null = extract.timesteps
+    blocks: list[str] | None = None  # null = extract.blocks
+    grid: Literal["each", "pairs", "all"] = "each"
+    baseline: bool = True  # add a cell on z0 alone: the same head without diffusion
+    seeds: int = Field(3, ge=1)
+    sweep: dict[str, list[Any]] = {}  # head.* / train.* setting -> values, crossed with the feature cells
+    select_on: Literal["miou", "mean_dice", "object_f1"] = "miou"
+
+
+class PretrainConfig(Section):
+    """`pathseg pretrain`: the backbone itself, first stage then conditioned UNet, from unlabelled tiles.
+
+    Tiles are cut with the `tiling` section and conditioned with the `conditioning` section, so the
+    backbone is trained on exactly what extraction with the same config will show it.
+    """
+
+    preset: Literal["tiny", "small", "paper"] = "tiny"
+    unet_width: int | None = Field(None, ge=8)  # null = the preset's; smaller only for tests and smoke runs
+    first_stage_width: int | None = Field(None, ge=8)
+    first_stage: Literal["vq", "kl"] = "vq"
+    first_stage_crop: int | None = Field(128, ge=4)  # phase 1 trains on random crops this size; null = whole tiles
+    steps: int = Field(2000, ge=2)
+    first_stage_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    batch_size: int = Field(8, ge=1)
+    lr_first_stage: float = Field(1e-4, gt=0)
+    lr_unet: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ssim_weight: float = Field(0.2, ge=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    condition_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
+    checkpoint_every: int = Field(200, ge=1)
+    splits: list[str] = Field(["train"], min_length=1)
+    flips: bool = True
+    colour_jitter: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = 0
+    device: str = "auto"
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
+    samples: int = Field(8, ge=0)
+    sample_steps: int = Field(25, ge=1, le=1000)
+    reconstructions: int = Field(8, ge=0)
+    cached_images: int = Field(4, ge=1)
+    slides: Path | None = None
+    mpp: float = Field(0.5, gt=0)
+    level0_mpp: float | None = Field(None, gt=0)
+    tissue_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    min_tissue: float = Field(0.5, gt=0.0, le=1.0)
+
+    @field_validator("first_stage_crop")
+    @classmethod
+    def _crop_multiple_of_4(cls, value: int | None) -> int | None:
+        if value is not None and value % 4:
+            raise ValueError(
+                f"first_stage_crop {value} must be a multiple of 4 (the first stage's downsampling factor), or null "
+                "for whole tiles"
+            )
+        return value
+
+
 class PipelineConfig(Section):
     cache_dir: Path = Path("cache")
     runs_dir: Path = Path("runs")
@@ -261,6 +334,8 @@ class PipelineConfig(Section):
     head: HeadConfig = HeadConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    ablate: AblateConfig = AblateConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -60,8 +60,24 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+# The first-stage latent z_0, selectable like a decoder block: the no-diffusion baseline of every ablation.
+# It has no noise step, so it travels with a timestep that no noise step can have.
+Z0_BLOCK = "z0"
+Z0_TIMESTEP = -1
+Z0_PAIR = (Z0_TIMESTEP, Z0_BLOCK)
+
+
+def is_z0(block: str) -> bool:
+    return block == Z0_BLOCK
+
+
 def feature_key(timestep: int, block: str) -> str:
-    return f"t{timestep:04d}/{block}"
+    return "latents/z0" if is_z0(block) else f"t{timestep:04d}/{block}"
+
+
+def pair_label(timestep: int, block: str) -> str:
+    """How a feature map is named to people: `t50 up1`, or `z0` for the latent, which has no timestep."""
+    return Z0_BLOCK if is_z0(block) else f"t{timestep} {block}"
 
 
 def nonfinite_message(timestep: int, block: str, tile: int, computed: np.ndarray, dtype: str) -> str:
@@ -348,6 +364,8 @@ class FeatureStore:
         return [FeatureInfo(**row) for row in self.attrs["features"].values()]
 
     def has_feature(self, timestep: int, block: str) -> bool:
+        if is_z0(block):
+            return "latents/z0" in self.group
         return feature_key(timestep, block) in self.attrs["features"]
 
     def ensure_feature(self, timestep: int, block: str, channels: int, height: int, width: int,
@@ -399,6 +417,8 @@ class FeatureStore:
     def missing_shards(self, timestep: int, block: str) -> list[int]:
         if not self.has_feature(timestep, block):
             raise KeyError(feature_key(timestep, block))
+        if is_z0(block):
+            return np.flatnonzero(~self.latent_shards_done()).tolist()
         flags = np.asarray(self.group[f"done/{feature_key(timestep, block)}"][:])
         return np.flatnonzero(flags == 0).tolist()
 
@@ -457,7 +477,12 @@ class FeatureStore:
         _fsync_file(self.path / "done" / "latents" / "c" / str(shard))
 
     def feature_array(self, timestep: int, block: str) -> zarr.Array:
+        """A (timestep, block) feature array; block `z0` is the first-stage latent, cached by every extraction."""
         key = feature_key(timestep, block)
+        if is_z0(block):
+            if not self.has_feature(timestep, block):
+                raise PathsegError(f"{self.path} has no first-stage latents (z0) yet; run `pathseg extract` first")
+            return self.group["latents/z0"]
         if not self.has_feature(timestep, block):
             cached = ", ".join(sorted(self.attrs["features"])) or "none"
             raise PathsegError(
@@ -557,16 +582,37 @@ def store_key(config: Any) -> str:
     if dataset["name"] == "folder" and options is not None:
         options = {k: v for k, v in options.items() if k != "mpp"}  # metadata for predict, not content
     root = str(Path(dataset["root"]).resolve()) if dataset["root"] else None
-    return digest(
-        {
-            "schema": SCHEMA_VERSION,
-            "dataset": {"name": dataset["name"], "root": root, "splits": dataset["splits"], "options": options},
-            "backbone": config.backbone.model_dump(mode="json"),
-            "conditioning": config.conditioning.model_dump(mode="json"),
-            "tiling": config.tiling.model_dump(mode="json"),
-            "noise_seed": config.extract.noise_seed,
-        }
-    )
+    key = {
+        "schema": SCHEMA_VERSION,
+        "dataset": {"name": dataset["name"], "root": root, "splits": dataset["splits"], "options": options},
+        "backbone": config.backbone.model_dump(mode="json"),
+        "conditioning": config.conditioning.model_dump(mode="json"),
+        "tiling": config.tiling.model_dump(mode="json"),
+        "noise_seed": config.extract.noise_seed,
+    }
+    weights = recorded_weights_digest(config.backbone.name)
+    if weights is not None:  # only pretrained directories: every other store keeps the key it had
+        key["backbone_weights"] = weights
+    return digest(key)
+
+
+PRETRAIN_RECORD = "pretrain.json"  # written last by `pathseg pretrain`: its presence marks a finished backbone
+
+
+def recorded_weights_digest(backbone: str) -> str | None:
+    """The weights digest a pretrained backbone directory records, read without hashing its weights.
+
+    A directory path alone does not identify weights: a second pretraining written to the same path
+    must get a new store, not be refused as a fingerprint mismatch of the old one.
+    """
+    record = Path(backbone) / PRETRAIN_RECORD
+    if not record.is_file():
+        return None
+    try:
+        value = json.loads(record.read_text()).get("weights_digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def store_path_for(config: Any) -> Path:

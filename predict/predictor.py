@@ -21,6 +21,7 @@ from pathseg.train_head.runs import Run, load_run
 
 from pathseg.config import PRESET_BACKBONES, PipelineConfig
 from pathseg.errors import PathsegError
+from pathseg.store import is_z0
 from pathseg.tiling import Stitcher, tile_grid
 
 AUTOCAST_OF_PRECISION = {"float32": "off", "bfloat16": "bfloat16", "float16": "float16"}
@@ -77,7 +78,8 @@ class Predictor:
     def wanted(self) -> dict[int, list[str]]:
         blocks: dict[int, list[str]] = {}
         for timestep, block in self.pairs:
-            blocks.setdefault(timestep, []).append(block)
+            if not is_z0(block):  # the latent is computed anyway; it is not a UNet block
+                blocks.setdefault(timestep, []).append(block)
         return blocks
 
     def tile_logits(self, tiles: np.ndarray, keys: list[str], output_size: int | None = None) -> np.ndarray:
@@ -88,16 +90,20 @@ class Predictor:
         """
         latent_shape = self.extractor.backbone.latent_shape(self.tile_size)
         noise = tile_noise(self.config.extract.noise_seed, keys, latent_shape)
-        features, _ = self.extractor.features(tiles, noise, self.wanted())
-        inputs = [torch.from_numpy(features[pair][0].astype(np.float32)).to(self.device) for pair in self.pairs]
+        features, z0 = self.extractor.features(tiles, noise, self.wanted())
+        inputs = [torch.from_numpy(z0 if is_z0(pair[1]) else features[pair][0].astype(np.float32)).to(self.device)
+                  for pair in self.pairs]
         with torch.inference_mode():
             return self.head(inputs, output_size or self.tile_size).float().cpu().numpy()
 
     def logits_size(self) -> int:
-        """Side of the head's finest input map: the size its logits have before the last upsampling."""
+        """Side of the head's finest input map: the size its logits have before the last upsampling (the tile
+        size for a head with no such last step, e.g. pixel-mlp)."""
+        if not getattr(self.head, "logits_upsample_last", True):
+            return self.tile_size
         table = block_table(self.extractor.backbone.unet)
         latent = self.tile_size // self.extractor.backbone.latent_factor
-        return max(latent // table[block].downsample for _, block in self.pairs)
+        return max(latent if is_z0(block) else latent // table[block].downsample for _, block in self.pairs)
 
     def image_logits(self, rgb: np.ndarray, image_id: str, progress=None) -> np.ndarray:
         """(classes, H, W) blended logits of an RGB image at the training resolution.

@@ -24,6 +24,11 @@ from pathseg.metrics import ConfusionMatrix, GlandMetrics, background_index_of, 
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore
 
+# Bumped whenever a figure's definition changes (2: GlaS object metrics pooled over the split as the contest
+# pools them, strict > 50% F1 rule, Hausdorff pairing by minimum Hausdorff distance), so that cached scores
+# made under an older definition are recomputed, never mixed with new ones.
+METRICS_VERSION = 2
+
 
 def default_splits(store: FeatureStore, config: PipelineConfig) -> list[str]:
     """Held-out splits: everything but the training and validation splits (val if nothing else)."""
@@ -62,10 +67,15 @@ def open_scored_store(run: Run, store_path: Path | None) -> FeatureStore:
 
 
 def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] | None = None,
-                 store_path: Path | None = None, show_progress: bool = True) -> EvaluationResult:
-    """Score a run on its own store, or (`store_path`) on another store extracted the same way."""
+                 store_path: Path | None = None, show_progress: bool = True, store: FeatureStore | None = None,
+                 echo: bool = True) -> EvaluationResult:
+    """Score a run on its own store, or (`store_path`) on another store extracted the same way.
+
+    `store` is the run's own store already open (ablate scores many runs of one store); `echo` prints the tables.
+    """
     run = run if isinstance(run, Run) else load_run(run)
-    store = open_scored_store(run, store_path)
+    if store is None or store.fingerprint != run.record["store_fingerprint"]:
+        store = open_scored_store(run, store_path)
     own_store = store.fingerprint == run.record["store_fingerprint"]
     store.require(run.pairs)
     splits = splits or config.evaluate.splits or default_splits(store, config)
@@ -103,6 +113,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
             split_metrics["objects"] = glands.summary()
         results[split] = split_metrics
     report = {
+        "metrics_version": METRICS_VERSION,
         "run": str(run.directory),
         "store": str(store.path),
         "store_fingerprint": store.fingerprint,
@@ -112,10 +123,12 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
         "class_names": class_names,
         "ignore_index": store.ignore_index,
         "blend": config.evaluate.blend,
+        "min_object_area": config.evaluate.min_object_area,
         "splits": results,
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
     atomic_write_text(out_dir / "metrics.md", metrics_markdown(report))
-    print(metrics_text(report))
-    say(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
+    if echo:
+        print(metrics_text(report))
+        say(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
     return EvaluationResult(out_dir, report)

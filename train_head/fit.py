@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pathseg.train_head.head import SegmentationHead
+from pathseg.train_head.heads import build_head
 from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.runs import (
     RUN_SCHEMA,
@@ -37,7 +37,7 @@ from pathseg.config import PipelineConfig, config_to_dict
 from pathseg.errors import PathsegError
 from pathseg.files import atomic_write_text
 from pathseg.progress import progress_bar, say
-from pathseg.store import software_versions
+from pathseg.store import FeatureStore, is_z0, software_versions
 
 
 def pick_device(name: str) -> torch.device:
@@ -89,10 +89,16 @@ def _history_csv(history: list[dict]) -> str:
 
 
 def fit_head(
-    config: PipelineConfig, *, store_path: Path | None = None, run_dir: Path | None = None, show_progress: bool = True
+    config: PipelineConfig, *, store_path: Path | None = None, run_dir: Path | None = None, show_progress: bool = True,
+    store: FeatureStore | None = None, pairs: list[tuple[int, str]] | None = None, announce: bool = True,
 ) -> FitResult:
-    store = locate_store(config, store_path)
-    pairs = resolve_features(config, store)
+    """Train one head; `store` (already open) and `pairs` (exact maps) let `ablate` run many without reopening,
+    and `announce` False keeps a sweep's log to its own lines."""
+    store = store if store is not None else locate_store(config, store_path)
+    if pairs is None:
+        pairs = resolve_features(config, store)
+    else:
+        store.require(pairs)
     train = config.train
     train_tiles = store.tiles_of_splits([train.train_split])
     if len(train_tiles) == 0:
@@ -108,10 +114,8 @@ def fit_head(
     torch.manual_seed(train.seed)
     device = pick_device(train.device)
     in_channels = [store.feature_array(t, b).shape[1] for t, b in pairs]
-    h = config.head
-    head = SegmentationHead(in_channels, len(store.class_names), h.width, h.depth, h.dropout, h.projection_width).to(
-        device
-    )
+    head = build_head(config.head.kind, in_channels, len(store.class_names), config.head.model_dump()).to(device)
+    pixels = torch.Generator().manual_seed(train.seed)  # which pixels a sampling head trains on, reproducibly
     loader = StoreLoader(
         store,
         pairs,
@@ -145,8 +149,9 @@ def fit_head(
                         scheduler.step()
                     advance(1)
                     continue
-                logits = head([f.to(device, non_blocking=True) for f in batch.features], store.tile_size)
-                loss = segmentation_loss(logits, batch.labels.to(device), train.loss, ignore_index)
+                logits, targets = head.training_outputs([f.to(device, non_blocking=True) for f in batch.features],
+                                                        batch.labels.to(device), store.tile_size, pixels, ignore_index)
+                loss = segmentation_loss(logits, targets, train.loss, ignore_index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -186,7 +191,7 @@ def fit_head(
         "store_compute_precision": store.compute_precision,
         "extraction": extraction_identity(store),
         "pairs": [list(p) for p in pairs],
-        "timesteps": list(dict.fromkeys(t for t, _ in pairs)),
+        "timesteps": list(dict.fromkeys(t for t, b in pairs if not is_z0(b))),
         "blocks": list(dict.fromkeys(b for _, b in pairs)),
         "in_channels": in_channels,
         "class_names": store.class_names,
@@ -208,5 +213,7 @@ def fit_head(
     atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
     atomic_write_text(run_dir / "history.csv", _history_csv(history))
     atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2))
-    say(f"head trained on {len(train_tiles)} tiles x {len(pairs)} feature maps; best epoch {best_epoch}; run {run_dir}")
+    if announce:
+        say(f"head trained on {len(train_tiles)} tiles x {len(pairs)} feature maps; best epoch {best_epoch}; "
+            f"run {run_dir}")
     return FitResult(run_dir, best_epoch, best_metric if val_images else None, history)

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pathseg.train_head.head import SegmentationHead
+from pathseg.train_head.heads import DEFAULT_KIND, build_head, keyed_settings
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
-from pathseg.store import FeatureStore, digest, store_path_for
+from pathseg.store import Z0_BLOCK, Z0_PAIR, FeatureStore, digest, is_z0, store_path_for
 
 RUN_SCHEMA = 1
 
@@ -32,17 +33,30 @@ def resolve_features(config: PipelineConfig, store: FeatureStore) -> list[tuple[
     """
     timesteps = config.head.timesteps or config.extract.timesteps
     names = config.head.blocks or config.extract.blocks
+    pairs = feature_pairs(store, timesteps, names)
+    store.require(pairs)
+    return pairs
+
+
+def canonical_blocks(store: FeatureStore, names: list[str]) -> list[str]:
+    """Block names as the store records them; `z0` (the first-stage latent) is always a valid name."""
     aliases: dict[str, str] = store.attrs.get("block_aliases", {})
     blocks = []
     for name in names:
-        canonical = aliases.get(name.strip().replace(" ", ""), name)
-        if aliases and canonical not in aliases.values():
-            valid = ", ".join(dict.fromkeys(aliases.values()))
+        name = name.strip().replace(" ", "")
+        canonical = Z0_BLOCK if is_z0(name) else aliases.get(name, name)
+        if aliases and not is_z0(canonical) and canonical not in aliases.values():
+            valid = ", ".join([*dict.fromkeys(aliases.values()), Z0_BLOCK])
             raise PathsegError(f"unknown block {name!r} in head.blocks; valid blocks are: {valid}")
         blocks.append(canonical)
-    pairs = [(int(t), b) for t in timesteps for b in dict.fromkeys(blocks)]
-    store.require(pairs)
-    return pairs
+    return list(dict.fromkeys(blocks))
+
+
+def feature_pairs(store: FeatureStore, timesteps: list[int], names: list[str]) -> list[tuple[int, str]]:
+    """Every timestep x block, timestep-major; `z0` has no timestep, so it appears once, last."""
+    blocks = canonical_blocks(store, names)
+    pairs = [(int(t), b) for t in timesteps for b in blocks if not is_z0(b)]
+    return pairs + [Z0_PAIR] if Z0_BLOCK in blocks else pairs
 
 
 def extraction_identity(store: FeatureStore) -> dict:
@@ -74,7 +88,7 @@ def run_key(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, 
         {
             "store": store.fingerprint,
             "pairs": pairs,
-            "head": config.head.model_dump(mode="json"),
+            "head": keyed_settings(config.head),
             "train": config.train.model_dump(mode="json"),
         }
     )
@@ -82,12 +96,13 @@ def run_key(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, 
 
 def default_run_dir(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, str]]) -> Path:
     """runs/<store name>/<t...>_<blocks>_<key>: readable, and distinct for every ablation."""
-    steps = "-".join(f"t{t}" for t in dict.fromkeys(t for t, _ in pairs))
+    steps = "-".join(f"t{t}" for t in dict.fromkeys(t for t, b in pairs if not is_z0(b)))
     blocks = "-".join(dict.fromkeys(b for _, b in pairs))
-    return Path(config.runs_dir) / store.path.stem / f"{steps}_{blocks}_{run_key(config, store, pairs)[:8]}"
+    name = f"{steps}_{blocks}" if steps else blocks
+    return Path(config.runs_dir) / store.path.stem / f"{name}_{run_key(config, store, pairs)[:8]}"
 
 
-def save_head(head: SegmentationHead, path: Path) -> None:
+def save_head(head: nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
@@ -102,18 +117,12 @@ class Run:
     def pairs(self) -> list[tuple[int, str]]:
         return [(int(t), str(b)) for t, b in self.record["pairs"]]
 
-    def build_head(self) -> SegmentationHead:
+    def build_head(self) -> nn.Module:
+        """The run's head kind, untrained; a record without `head.kind` predates head kinds and is `conv`."""
         h = self.record["head"]
-        return SegmentationHead(
-            self.record["in_channels"],
-            len(self.record["class_names"]),
-            h["width"],
-            h["depth"],
-            h["dropout"],
-            h["projection_width"],
-        )
+        return build_head(h.get("kind", DEFAULT_KIND), self.record["in_channels"], len(self.record["class_names"]), h)
 
-    def load_head(self, device: torch.device | str = "cpu") -> SegmentationHead:
+    def load_head(self, device: torch.device | str = "cpu") -> nn.Module:
         head = self.build_head()
         weights = self.directory / "head.safetensors"
         if not weights.exists():

@@ -10,15 +10,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from pathseg.train_head.head import SegmentationHead
 from pathseg.train_head.loader import StoreLoader
+from torch import nn
 
 from pathseg.metrics import ConfusionMatrix, background_index_of, pixel_metrics
 from pathseg.store import FeatureStore
 from pathseg.tiling import Stitcher
 
 
-def stitched_logits(head: SegmentationHead, store: FeatureStore, pairs: list[tuple[int, str]], images: list[int],
+def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int, str]], images: list[int],
                     device: torch.device, batch_size: int, blend: str = "mean",
                     prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """(image index, (classes, H, W) blended logits) for each of `images`, in storage order.
@@ -47,7 +47,7 @@ def stitched_logits(head: SegmentationHead, store: FeatureStore, pairs: list[tup
                     yield index, open_images.pop(index).result()
 
 
-def stitched_pixel_metrics(head: SegmentationHead, store: FeatureStore, pairs: list[tuple[int, str]],
+def stitched_pixel_metrics(head: nn.Module, store: FeatureStore, pairs: list[tuple[int, str]],
                            images: list[int], device: torch.device, batch_size: int, blend: str) -> dict:
     """Pixel metrics of whole stitched images, pooled over `images`, exactly as evaluate computes them."""
     matrix = ConfusionMatrix(len(store.class_names), store.ignore_index)

@@ -1,0 +1,65 @@
+"""`pathseg pretrain` on the command line: train a backbone from unlabelled tiles into a directory.
+
+Kept apart from `pathseg/cli.py` (which registers it) because its options are its own; heavy imports
+wait until the command runs, so `pathseg --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pathseg.cli_options import ConfigOption, DataRootOption, DatasetOption, QuietOption, SetOption, build_config
+from pathseg.progress import say
+
+
+def _as_overrides(values: dict[str, object]) -> list[str]:
+    """Flags as `--set` items, after the user's own so they win; JSON is YAML, so paths survive any characters."""
+    return [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
+            for key, value in values.items() if value is not None]
+
+
+def pretrain(
+    out: Annotated[Path, typer.Option("--out", help="directory for the pretrained backbone (diffusers format)")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    slides: Annotated[
+        Path | None, typer.Option("--slides", help="a folder of whole-slide images to pretrain on instead of a dataset")
+    ] = None,
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", help="slides: level-0 microns per pixel of slides that record none")
+    ] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="model size: tiny | small | paper")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="optimiser steps of both phases together (pretrain.steps)")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace a finished backbone or a checkpoint made with other settings at --out")
+    ] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Pretrain a backbone: the first-stage autoencoder, then the conditioned UNet, on unlabelled tiles."""
+    from pathseg.pretrain.command import run_pretraining
+
+    flags = {"pretrain.preset": preset, "pretrain.steps": steps, "pretrain.slides": slides,
+             "pretrain.level0_mpp": mpp}
+    cfg = build_config(config, [*(set_ or []), *_as_overrides(flags)], dataset=dataset, data_root=data_root)
+    summary = run_pretraining(cfg, out, overwrite=overwrite, show_progress=not quiet)
+    record = summary.record
+    if summary.already_done:
+        say(f"{out} already holds this pretraining (record {out / 'pretrain.json'}): nothing to do; delete it to "
+            "train it again")
+        return
+    losses = record["final_losses"]
+    rates = record["steps_per_second"]
+    say(
+        f"wrote {out}: {record['preset']} backbone, {record['steps']['first_stage']} first-stage steps "
+        f"(loss {losses['first_stage']:.4g}, {rates['first_stage'] or 0:.2f} steps/s) + {record['steps']['unet']} "
+        f"UNet steps (loss {losses['unet']:.4g}, {rates['unet'] or 0:.2f} steps/s) on {record['data']['tiles']} "
+        f"tiles; use it with `pathseg extract --backbone {out}`"
+    )

@@ -1,0 +1,94 @@
+"""One phase's optimiser steps: read ahead, step, check, record, checkpoint. Shared by both phases.
+
+Every step draws its randomness (augmentation, noise, timesteps, condition dropout) from a generator
+seeded by (seed, step), and its tiles from the stream's (seed, step) order, so a resumed run repeats
+exactly what the killed one would have done. A loss or gradient that is not finite stops the run
+before the optimiser touches the weights, and the last checkpoint, written before it, stays as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pathseg.pretrain.checkpoints import RunState
+from pathseg.pretrain.data import TileStream
+from torch import nn
+
+from pathseg.errors import PathsegError
+from pathseg.progress import progress_bar
+
+PHASE_NAMES = {"first_stage": "first-stage", "unet": "UNet"}
+LR_SETTINGS = {"first_stage": "pretrain.lr_first_stage", "unet": "pretrain.lr_unet"}
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator for one step, from (seed, step) alone."""
+    material = hashlib.sha256(f"pretrain:{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(material[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class Phase:
+    name: str  # first_stage | unet
+    stop: int  # the global step count this phase ends at
+    loss: Callable[[int, np.ndarray], torch.Tensor]  # (global step, uint8 tiles) -> scalar loss
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    after_step: Callable[[], None] | None = None  # the EMA update
+
+
+def _stop(phase: Phase, step: int, what: str, value: float, checkpoint: Path, checkpoint_step: int | None) -> None:
+    kept = (f"the last good checkpoint {checkpoint} (step {checkpoint_step}) is kept" if checkpoint_step is not None
+            else "no checkpoint was written yet")
+    raise PathsegError(
+        f"pretraining stopped in the {PHASE_NAMES[phase.name]} phase at step {step}: the {what} is {value}; {kept}; "
+        f"lower {LR_SETTINGS[phase.name]} (or set pretrain.autocast=off) and rerun the same command to resume"
+    )
+
+
+def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_every: int,
+                save: Callable[[], None], checkpoint: Path, show_progress: bool) -> None:
+    """Steps state.step .. phase.stop - 1; a checkpoint every `checkpoint_every` steps and at the phase's end."""
+    start = state.step
+    if start >= phase.stop:
+        return
+    last_saved = state.step if state.step > 0 and checkpoint.exists() else None
+    total = phase.stop - start
+    with (
+        progress_bar(PHASE_NAMES[phase.name], total, "steps", show_progress) as advance,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-pretrain-read") as reader,
+    ):
+        upcoming = reader.submit(stream.batch, start)
+        started = time.perf_counter()
+        for step in range(start, phase.stop):
+            tiles = upcoming.result()
+            if step + 1 < phase.stop:
+                upcoming = reader.submit(stream.batch, step + 1)
+            loss = phase.loss(step, tiles)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                _stop(phase, step + 1, "loss", value, checkpoint, last_saved)
+            phase.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(phase.parameters, float("inf")))
+            if not math.isfinite(norm):
+                _stop(phase, step + 1, "gradient norm", norm, checkpoint, last_saved)
+            phase.optimizer.step()
+            if phase.after_step is not None:
+                phase.after_step()
+            state.step = step + 1
+            state.history[phase.name].append(value)
+            advance(1)
+            if state.step % checkpoint_every == 0 or state.step == phase.stop:
+                state.seconds[phase.name] += time.perf_counter() - started
+                save()
+                last_saved = state.step
+                started = time.perf_counter()

@@ -318,7 +318,7 @@ class TinyEncoder(nn.Module):
         return self.project(images.mean(dim=(2, 3)))
 
 
-def tiny_encoder(weights):
+def tiny_encoder(weights, trust_checkpoint=False):  # an SSL_ENCODERS factory's signature
     from pathseg.extract.conditioning import SSLEncoder
 
     torch.manual_seed(0)

@@ -107,7 +107,8 @@ def run_ablation(config: PipelineConfig, *, swept: dict[str, list[Any]] | None =
         f"choosing on {val_split} {board.METRICS[config.ablate.select_on]}")
     started = time.perf_counter()
     scores: list[board.RunScore] = []
-    with progress_bar("ablate", plan.runs, "runs", show_progress) as advance:
+    with progress_bar(f"ablate ({len(plan.cells)} cells x {len(plan.seeds)} seeds)", plan.runs, "runs",
+                      show_progress) as advance:
         for cell in plan.cells:
             for seed in plan.seeds:
                 scores.append(_score_run(config, store, cell, seed, splits))

@@ -95,12 +95,14 @@ def bare_forwards(run_dir: Path, slide: Path) -> tuple[int, float]:
 
 
 PREDICT_CHILD = """
-import resource, sys, time, json
+import sys, time, json
+def peak_mib():  # VmHWM: this process only; ru_maxrss would carry the forked parent's peak across exec
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 from pathseg.predict.command import predict_images
 started = time.perf_counter()
 predict_images(sys.argv[1], [sys.argv[2]], sys.argv[3], use_tissue_mask=False, show_progress=False)
 print(json.dumps({"seconds": time.perf_counter() - started,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak_mib()}))
 """
 
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
+from pathseg.data_files import read_json_object, read_safetensors
 from pathseg.errors import PathsegError
 
 PROJECTOR_WEIGHTS = "model.safetensors"
@@ -64,8 +66,12 @@ class SSLProjector(nn.Module):
         for path in (config_path, weights_path):
             if not path.exists():
                 raise PathsegError(f"{path} is missing; a backbone directory needs ssl_projector/{path.name}")
-        projector = cls(**json.loads(config_path.read_text()))
-        state = load_file(str(weights_path))
+        config = read_json_object(config_path, "re-make the backbone directory (`pathseg convert-ldm`)")
+        try:
+            projector = cls(**config)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise PathsegError(f"{config_path}: not an SSL projector config ({str(error).splitlines()[0]})") from None
+        state = read_safetensors(weights_path, "re-make the backbone directory (`pathseg convert-ldm`)")
         try:
             projector.load_state_dict(state)
         except RuntimeError as error:
@@ -269,11 +275,38 @@ def _load_first_stage(directory: Path) -> FirstStage:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise PathsegError(f"{config_path} is missing; a backbone directory needs first_stage/config.json")
-    class_name = json.loads(config_path.read_text()).get("_class_name", "VQModel")
+    class_name = read_json_object(config_path, "re-make the backbone directory").get("_class_name", "VQModel")
     classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
     if class_name not in classes:
         raise PathsegError(f"{config_path}: first stage {class_name!r} is not supported; use VQModel or AutoencoderKL")
-    return classes[class_name].from_pretrained(directory)
+    return _strict_from_pretrained(classes[class_name], directory)
+
+
+@contextmanager
+def quiet_diffusers():
+    """diffusers logs multi-line advice (install accelerate...) while loading; pathseg's output stays its own."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _strict_from_pretrained(cls, directory: Path):
+    """`cls.from_pretrained`, refusing weights that do not cover the model exactly: diffusers would otherwise fill a
+    missing or renamed tensor with random values and carry on (a damaged file would give other features, silently)."""
+    model, info = cls.from_pretrained(directory, output_loading_info=True)
+    problems = {kind: info.get(kind) or [] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        weights = next((p.name for p in sorted(directory.iterdir()) if p.suffix in {".safetensors", ".bin"}), "weights")
+        found = "; ".join(f"{len(keys)} {kind.replace('_keys', '')}: {', '.join(map(str, keys[:3]))}"
+                          for kind, keys in problems.items() if keys)
+        raise PathsegError(f"{directory / weights}: does not match {directory / 'config.json'} ({found}); the backbone "
+                           "directory is damaged or mixed: make it again (`pathseg convert-ldm` or `pathseg pretrain`)")
+    return model
 
 
 def load_backbone_dir(directory: Path) -> Backbone:
@@ -286,10 +319,11 @@ def load_backbone_dir(directory: Path) -> Backbone:
                 "ssl_projector/ (make one with `pathseg convert-ldm`)"
             )
     try:
-        unet = UNet2DConditionModel.from_pretrained(directory / "unet")
-        first_stage = _load_first_stage(directory / "first_stage")
-        scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
-    except (OSError, ValueError, RuntimeError) as error:
+        with quiet_diffusers():
+            unet = _strict_from_pretrained(UNet2DConditionModel, directory / "unet")
+            first_stage = _load_first_stage(directory / "first_stage")
+            scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         raise PathsegError(f"backbone directory {directory}: {str(error).splitlines()[0]}") from None
     projector = SSLProjector.load(directory / "ssl_projector")
     weights = [p for p in directory.rglob("*") if p.suffix in {".safetensors", ".bin"}]
@@ -297,8 +331,13 @@ def load_backbone_dir(directory: Path) -> Backbone:
     return backbone.to("cpu")
 
 
-def load_backbone(name: str, config_path: Path | None = None, seed: int = 0) -> Backbone:
-    """`tiny`, `paper-random`, a diffusers-format directory, or an original `.ckpt` with its YAML."""
+def load_backbone(name: str, config_path: Path | None = None, seed: int = 0, *,
+                  trust_checkpoint: bool = False) -> Backbone:
+    """`tiny`, `paper-random`, a diffusers-format directory, or an original `.ckpt` with its YAML.
+
+    A `.ckpt` is read as data unless `trust_checkpoint` (see `pathseg.checkpoint_loading`); a directory's
+    weights are safetensors, or `.bin` files that diffusers reads with torch's tensors-only loader.
+    """
     if name == "tiny":
         return build_random(TINY, seed, f"tiny(seed={seed})")
     if name == "paper-random":
@@ -311,7 +350,7 @@ def load_backbone(name: str, config_path: Path | None = None, seed: int = 0) -> 
 
         if config_path is None:
             raise PathsegError(f"{path}: an original LDM checkpoint needs its project YAML (--backbone-config)")
-        return load_ldm_checkpoint(path, config_path)
+        return load_ldm_checkpoint(path, config_path, trust_checkpoint=trust_checkpoint)
     _unknown_backbone(name)
 
 
@@ -326,7 +365,7 @@ def unet_config_for(name: str, config_path: Path | None = None) -> dict:
         config_file = path / "unet" / "config.json"
         if not config_file.exists():
             raise PathsegError(f"backbone directory {path} has no unet/config.json")
-        return json.loads(config_file.read_text())
+        return read_json_object(config_file, "re-make the backbone directory")
     if path.suffix == ".ckpt" and config_path is not None:
         from pathseg.extract.ldm_checkpoint import backbone_configs_from_yaml, read_ldm_yaml
 

@@ -205,7 +205,8 @@ def _extractor(config: PipelineConfig, device: torch.device):
                   "device": str(device), "compile": config.extract.compile})
     if _worker_state.get("extractor_key") != key:
         _worker_state.pop("extractor", None)
-        backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed)
+        b = config.backbone
+        backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
         _worker_state["extractor"] = _Extractor(prepare_for_device(backbone, device, config.extract.compile),
                                                 config, device)
         _worker_state["extractor_key"] = key

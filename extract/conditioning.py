@@ -46,7 +46,8 @@ class SSLEncoder:
         return self.module((images - mean) / std)
 
 
-SSL_ENCODERS: Registry[Callable[[Path | None], SSLEncoder]] = Registry("SSL encoder")
+# factory(weights, trust_checkpoint=False): weights is a local file or None; trust_checkpoint lets it unpickle in full.
+SSL_ENCODERS: Registry[Callable[..., SSLEncoder]] = Registry("SSL encoder")
 
 
 def weights_digest(path: Path) -> str:
@@ -91,19 +92,28 @@ class Conditioning:
         }
 
 
-def _load_encoder(name: str, weights: Path | None) -> SSLEncoder:
+def _load_encoder(name: str, weights: Path | None, trust_checkpoint: bool) -> SSLEncoder:
+    """A registered encoder, its weights read as data unless trusted; code is imported only for a `python:` name,
+    which the user wrote in their own config."""
     if weights is not None and not Path(weights).is_file():
         raise PathsegError(f"SSL encoder weights {weights} do not exist; check conditioning.encoder_weights")
-    return SSL_ENCODERS.get(name)(weights)
+    from pathseg.extract import hipt  # noqa: F401 - registers hipt_vit_s16 (it imports this module, so not at the top)
+    from pathseg.extract.ssl_plugins import is_plugin_spec, load_plugin_encoder
+
+    if is_plugin_spec(name):
+        return load_plugin_encoder(name, weights)
+    return SSL_ENCODERS.get(name)(weights, trust_checkpoint=trust_checkpoint)
 
 
-def build_conditioning(config: ConditioningConfig, projector: SSLProjector) -> Conditioning:
+def build_conditioning(config: ConditioningConfig, projector: SSLProjector, *,
+                       trust_checkpoint: bool = False) -> Conditioning:
+    """`trust_checkpoint` (backbone.trust_checkpoint) lets registered encoders unpickle their weights in full."""
     if config.mode == "null":
         return Conditioning(projector)
     if config.encoder is None:
         raise PathsegError("conditioning.mode is 'ssl' but conditioning.encoder is not set; name an SSL encoder")
-    patch = _load_encoder(config.encoder, config.encoder_weights)
+    patch = _load_encoder(config.encoder, config.encoder_weights, trust_checkpoint)
     region = None
     if config.region_encoder is not None:
-        region = _load_encoder(config.region_encoder, config.region_encoder_weights)
+        region = _load_encoder(config.region_encoder, config.region_encoder_weights, trust_checkpoint)
     return Conditioning(projector, patch, region)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from pathseg.extract.conditioning import SSL_ENCODERS, SSLEncoder, weights_digest
-from pathseg.extract.ldm_checkpoint import load_torch_file
 from torch import nn
 from torch.nn import functional as F
 
+from pathseg.checkpoint_loading import load_checkpoint
 from pathseg.errors import PathsegError
 
 NAME = "hipt_vit_s16"
@@ -128,6 +128,10 @@ def hipt_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise PathsegError(f"{path} holds no ViT state dict; pass HIPT's vit256_small_dino.pth")
+    odd = [repr(k)[:60] for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise PathsegError(f"{path}: {len(odd)} state dict entries are not named tensors ({_listing(odd)}); "
+                           "pass HIPT's vit256_small_dino.pth")
     cleaned = {}
     for key, value in state.items():
         while key.startswith(WRAPPERS):
@@ -142,11 +146,13 @@ def _listing(items: list[str]) -> str:
     return f"{shown} (+{len(items) - SHOWN} more)" if len(items) > SHOWN else shown
 
 
-def load_hipt_vit_s16(path: Path | str) -> HIPTViT:
-    """HIPT's ViT-S/16 from a local file; missing, unexpected or mis-shaped keys fail in one line."""
+def load_hipt_vit_s16(path: Path | str, *, trust_checkpoint: bool = False) -> HIPTViT:
+    """HIPT's ViT-S/16 from a local file, read as data (DINO's pickled `args` become placeholders) unless
+    trusted; missing, unexpected or mis-shaped keys fail in one line."""
     path = Path(path)
-    state = hipt_state_dict(load_torch_file(path, "HIPT's vit256_small_dino.pth (conditioning.encoder_weights)"),
-                            path)
+    loaded = load_checkpoint(path, "HIPT's vit256_small_dino.pth (conditioning.encoder_weights)",
+                             trust=trust_checkpoint)
+    state = hipt_state_dict(loaded, path)
     positions = state.get("pos_embed")
     grid = math.isqrt(positions.shape[1] - 1) if isinstance(positions, torch.Tensor) and positions.ndim == 3 else 14
     model = HIPTViT(grid=grid)
@@ -165,13 +171,13 @@ def load_hipt_vit_s16(path: Path | str) -> HIPTViT:
 
 
 @SSL_ENCODERS.register(NAME)
-def hipt_vit_s16(weights: Path | None) -> SSLEncoder:
+def hipt_vit_s16(weights: Path | None, *, trust_checkpoint: bool = False) -> SSLEncoder:
     """The paper's 20x patch encoder: 256 px tiles, HIPT's own normalisation, the 384-d CLS embedding."""
     if weights is None:
         raise PathsegError(
             f"SSL encoder {NAME} needs its weights: set conditioning.encoder_weights to a local copy of HIPT's "
             "vit256_small_dino.pth (mahmoodlab/HIPT); pathseg downloads nothing"
         )
-    module = load_hipt_vit_s16(weights)
+    module = load_hipt_vit_s16(weights, trust_checkpoint=trust_checkpoint)
     return SSLEncoder(module, input_size=INPUT_SIZE, mean=HIPT_MEAN, std=HIPT_STD,
                       identity=f"{NAME}:{weights_digest(Path(weights))}")

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 import shutil
-import warnings
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +21,13 @@ from typing import Any
 
 import diffusers
 import torch
-import yaml
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from pathseg.extract.backbone import Backbone, SSLProjector, file_digest, unet_config, vq_config
 from torch import nn
 
+from pathseg.checkpoint_loading import load_checkpoint
+from pathseg.data_files import read_yaml
 from pathseg.errors import PathsegError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -98,11 +96,8 @@ def read_ldm_yaml(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PathsegError(f"{path} does not exist; pass the checkpoint's latent-diffusion project YAML (--config)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        problem = str(error).replace("\n", " ")
-        raise PathsegError(f"{path} is not valid YAML ({problem}); pass the LDM project YAML") from None
+    # `target:` entries name classes the original code imports; here they are strings, never imported.
+    raw = read_yaml(path, "pass the LDM project YAML", settings=False)
     return _yaml_pieces(raw, str(path))
 
 
@@ -142,8 +137,14 @@ def _mapping(raw: Any, dotted: str, source: str) -> dict:
 _MISSING = object()
 
 
-def _setting(params: dict, key: str, where: str, source: str, kind: type, default: Any = _MISSING) -> Any:
-    """One typed YAML value; a missing or mistyped one names its full dotted path in the file."""
+def _setting(params: dict, key: str, where: str, source: str, kind: type, default: Any = _MISSING,
+             allow_empty: bool = False) -> Any:
+    """One typed YAML value; a missing or mistyped one names its full dotted path in the file.
+
+    Integers here are sizes and counts, so they must be at least 1 (or -1 where -1 is the default, meaning
+    "not set"); lists of them must hold at least one (unless `allow_empty`), so a wrong YAML fails here in one
+    line rather than when a model of that shape is built.
+    """
     if key not in params or params[key] is None:
         if default is _MISSING:
             raise PathsegError(f"{source}: {where}.{key} is missing; the converter needs it")
@@ -155,18 +156,20 @@ def _setting(params: dict, key: str, where: str, source: str, kind: type, defaul
                 raise ValueError
             return value
         if kind is int:
-            if isinstance(value, bool) or int(value) != float(value):
+            if isinstance(value, bool) or int(value) != float(value) or (int(value) < 1 and not value == default == -1):
                 raise ValueError
             return int(value)
         if kind is float:
             return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; float() accepts it
         if kind is list:
-            if not isinstance(value, list | tuple) or not all(isinstance(v, int) for v in value):
+            if not isinstance(value, list | tuple) or not all(isinstance(v, int) and v >= 1 for v in value) or (
+                    not value and not allow_empty):
                 raise ValueError
             return [int(v) for v in value]
         return kind(value)
-    except (TypeError, ValueError):
-        expected = "a list of integers" if kind is list else f"a {kind.__name__}"
+    except (TypeError, ValueError, OverflowError):
+        expected = "a list of positive integers" if kind is list else f"a {kind.__name__}"
+        expected += " of at least 1" if kind is int else ""
         raise PathsegError(f"{source}: {where}.{key} is {value!r}; expected {expected}") from None
 
 
@@ -224,7 +227,7 @@ def _unet_args(params: dict, source: str) -> dict:
             raise PathsegError(f"{source}: {where}.{key} as a per-level list is not supported; give one integer")
     model_channels = _setting(params, "model_channels", where, source, int)
     channel_mult = _setting(params, "channel_mult", where, source, list)
-    attention_resolutions = set(_setting(params, "attention_resolutions", where, source, list))
+    attention_resolutions = set(_setting(params, "attention_resolutions", where, source, list, allow_empty=True))
     num_heads = _setting(params, "num_heads", where, source, int, -1)
     num_head_channels = _setting(params, "num_head_channels", where, source, int, -1)
     in_channels = _setting(params, "in_channels", where, source, int)
@@ -268,7 +271,7 @@ def _first_stage_args(pieces: dict, source: str) -> dict:
     where, dd_where = "model.params.first_stage_config.params", "model.params.first_stage_config.params.ddconfig"
     if _setting(dd, "double_z", dd_where, source, bool, True):
         raise PathsegError(f"{source}: {dd_where}.double_z must be false for a VQ autoencoder")
-    if _setting(dd, "attn_resolutions", dd_where, source, list, []):
+    if _setting(dd, "attn_resolutions", dd_where, source, list, [], allow_empty=True):
         raise PathsegError(
             f"{source}: {dd_where}.attn_resolutions must be [] (diffusers' VQModel has attention only in its "
             "middle block)"
@@ -636,55 +639,18 @@ def _verified(converted: dict, subset: dict, expected: dict[str, _Expected], fun
 # --------------------------------------------------------------------------------------------------------
 
 
-def load_torch_file(path: Path | str, what: str) -> Any:
-    """`torch.load` on the CPU, tensors only when possible; `what` names the file's role in error lines.
-
-    Training checkpoints (Lightning, DINO) often also pickle hyper-parameters (argparse Namespace,
-    OmegaConf); `weights_only=True` refuses those. Only then is the file unpickled in full, with a warning,
-    because that runs code from the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PathsegError(f"{path} does not exist; pass {what}")
-    unreadable = (pickle.UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines()]
-        refusals = [line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler error: Unsupported"))]
-        reason = refusals[0].split(" was not")[0] if refusals else _first_line(error)
-        if "Unsupported global" not in reason:  # not an object the allow-list refused: a broken or foreign file
-            raise PathsegError(f"{path} is not a readable PyTorch file (unpickling failed: {reason})") from None
-    except unreadable as error:
-        raise PathsegError(f"{path} is not a readable PyTorch file ({_first_line(error)})") from None
-    warnings.warn(
-        f"{path}: the file pickles more than tensors ({reason}); loading it with weights_only=False, "
-        "which runs code from the file: use only files you trust",
-        stacklevel=3,
-    )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (ModuleNotFoundError, AttributeError) as missing:
-        raise PathsegError(
-            f"{path}: unpickling needs code that is not installed ({missing}); re-save just its tensors with "
-            "torch.save(...) where that code is installed"
-        ) from None
-    except unreadable as error:
-        raise PathsegError(f"{path} is not a readable PyTorch file ({_first_line(error)})") from None
-
-
-def read_checkpoint_state(path: Path | str) -> dict[str, Any]:
-    """The `state_dict` of a Lightning checkpoint (or a bare state dict), loaded on the CPU."""
-    loaded = load_torch_file(path, "the original LDM checkpoint (.ckpt)")
+def read_checkpoint_state(path: Path | str, *, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """The `state_dict` of a Lightning checkpoint (or a bare state dict), loaded on the CPU as data only
+    unless the user trusts the file (see `pathseg.checkpoint_loading`)."""
+    loaded = load_checkpoint(path, "the original LDM checkpoint (.ckpt)", trust=trust_checkpoint)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise PathsegError(f"{path} holds no state_dict of tensors; pass the LDM training checkpoint (.ckpt)")
+    odd = [repr(k)[:60] for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise PathsegError(f"{path}: {len(odd)} state_dict entries are not named tensors ({_listing(odd)}); "
+                           "pass the LDM training checkpoint (.ckpt)")
     return state
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _with_checkpoint_scale(configs: dict, conversion: Conversion) -> dict:
@@ -706,10 +672,11 @@ def _instantiate(cls: type[nn.Module], config: dict, weights: dict[str, torch.Te
     return model
 
 
-def _load(ckpt_path: Path | str, yaml_path: Path | str, ignore_prefixes: Iterable[str]) -> tuple[Backbone, Conversion]:
+def _load(ckpt_path: Path | str, yaml_path: Path | str, ignore_prefixes: Iterable[str],
+          trust_checkpoint: bool) -> tuple[Backbone, Conversion]:
     ckpt_path = Path(ckpt_path)
     configs = backbone_configs_from_yaml(read_ldm_yaml(yaml_path))
-    state = read_checkpoint_state(ckpt_path)
+    state = read_checkpoint_state(ckpt_path, trust_checkpoint=trust_checkpoint)
     conversion = _convert(state, configs, str(ckpt_path), tuple(ignore_prefixes))
     configs = _with_checkpoint_scale(configs, conversion)
     weights = conversion.weights
@@ -723,14 +690,14 @@ def _load(ckpt_path: Path | str, yaml_path: Path | str, ignore_prefixes: Iterabl
 
 
 def load_ldm_checkpoint(
-    ckpt_path: Path | str, yaml_path: Path | str, *, ignore_prefixes: Iterable[str] = ()
+    ckpt_path: Path | str, yaml_path: Path | str, *, ignore_prefixes: Iterable[str] = (), trust_checkpoint: bool = False
 ) -> Backbone:
     """The paper's `.ckpt` + project YAML as a `Backbone`, converted in memory; digest = the .ckpt file's digest."""
-    return _load(ckpt_path, yaml_path, ignore_prefixes)[0]
+    return _load(ckpt_path, yaml_path, ignore_prefixes, trust_checkpoint)[0]
 
 
 def convert_ldm(ckpt_path: Path | str, yaml_path: Path | str, out_dir: Path | str, *,
-                ignore_prefixes: Iterable[str] = ()) -> dict:
+                ignore_prefixes: Iterable[str] = (), trust_checkpoint: bool = False) -> dict:
     """Write a diffusers-format backbone directory (read by `load_backbone_dir`) plus `conversion_report.json`.
 
     The directory is written next to `out_dir` first and renamed into place, so a failed run leaves nothing
@@ -739,7 +706,7 @@ def convert_ldm(ckpt_path: Path | str, yaml_path: Path | str, out_dir: Path | st
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PathsegError(f"{out_dir} already exists and is not empty; choose a new --out directory or remove it")
-    backbone, conversion = _load(ckpt_path, yaml_path, ignore_prefixes)
+    backbone, conversion = _load(ckpt_path, yaml_path, ignore_prefixes, trust_checkpoint)
     report = {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "config": str(Path(yaml_path).resolve()),

@@ -155,7 +155,8 @@ def prepare_for_device(backbone: Backbone, device: torch.device, compile_unet: b
 class _Extractor:
     def __init__(self, backbone: Backbone, config: PipelineConfig, device: torch.device) -> None:
         self.backbone = backbone
-        self.conditioning = build_conditioning(config.conditioning, backbone.projector).to(device)
+        self.conditioning = build_conditioning(config.conditioning, backbone.projector,
+                                               trust_checkpoint=config.backbone.trust_checkpoint).to(device)
         self.config = config
         self.device = device
         self.scheduler_alphas = backbone.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -376,7 +377,8 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
                 store.ensure_latents((latent_channels, latent, latent))  # here, so no two workers create it
             cluster.extract(config, path, work, total_tiles)
         else:
-            backbone = load_backbone(config.backbone.name, config.backbone.config, config.backbone.seed)
+            b = config.backbone
+            backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
             extractor = _Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device)
             t = config.tiling
             source = TileSource(records, store.images, t.tile_size, t.stride, t.pad_mode)

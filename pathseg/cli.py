@@ -28,6 +28,7 @@ from pathseg.cli_options import (
     SplitsOption,
     StoreOption,
     TimestepsOption,
+    TrustCheckpointOption,
     build_config,
     split_list,
 )
@@ -72,6 +73,7 @@ def extract(
     scheduler: Annotated[
         str | None, typer.Option("--scheduler", help="address of a running dask scheduler to extract on")
     ] = None,
+    trust_checkpoint: TrustCheckpointOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Stage 1: run the backbone over every tile once and cache decoder features in a Zarr store."""
@@ -88,6 +90,7 @@ def extract(
         blocks=split_list(blocks),
         workers=workers,
         scheduler=scheduler,
+        trust_checkpoint=trust_checkpoint or None,
     )
     summary = run_extraction(cfg, overwrite=overwrite, show_progress=not quiet, store_path=store)
     if summary.nothing_to_do:
@@ -204,6 +207,7 @@ def run_all(
     blocks: BlocksOption = None,
     epochs: EpochsOption = None,
     overwrite: Annotated[bool, typer.Option(help="replace a store made from other data or weights")] = False,
+    trust_checkpoint: TrustCheckpointOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """extract, fit-head and evaluate in one go, from one config."""
@@ -221,6 +225,7 @@ def run_all(
         timesteps=split_list(timesteps, int),
         blocks=split_list(blocks),
         epochs=epochs,
+        trust_checkpoint=trust_checkpoint or None,
     )
     check_kind(cfg.head.kind)  # before the extraction, not after it
     summary = run_extraction(cfg, overwrite=overwrite, show_progress=not quiet)
@@ -317,11 +322,12 @@ def convert_ldm_command(
     ignore_prefix: Annotated[
         list[str] | None, typer.Option("--ignore-prefix", help="extra training-only key prefix to skip (repeatable)")
     ] = None,
+    trust_checkpoint: TrustCheckpointOption = False,
 ) -> None:
     """Convert an original SSL-conditioned LDM checkpoint into a diffusers-format backbone directory."""
     from pathseg.extract.ldm_checkpoint import convert_ldm
 
-    report = convert_ldm(ckpt, config, out, ignore_prefixes=ignore_prefix or [])
+    report = convert_ldm(ckpt, config, out, ignore_prefixes=ignore_prefix or [], trust_checkpoint=trust_checkpoint)
     ignored = sum(entry["count"] for entry in report["ignored"].values())
     say(
         f"wrote {out}: {report['used_total']} tensors converted, {ignored} ignored "

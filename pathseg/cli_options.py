@@ -41,6 +41,14 @@ StoreOption = Annotated[
     Path | None, typer.Option("--store", help="feature store path (default: derived from the config)")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+TrustCheckpointOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="unpickle .ckpt/.pth files in full, which runs any code they carry; only for files you trust "
+        "(default: their tensors are read as data)",
+    ),
+]
 
 
 def split_list(text: str | None, cast=str) -> list | None:
@@ -53,7 +61,8 @@ def split_list(text: str | None, cast=str) -> list | None:
 
 
 def build_config(config: Path | None, sets: list[str] | None, **flags: Any) -> PipelineConfig:
-    """Flags win over --set, which wins over the YAML file."""
+    """Flags win over --set, which wins over the YAML file. A flag left at None (or an on/off flag left off, which
+    callers pass as None) leaves the setting to them."""
     overrides: dict[str, Any] = dict(parse_override(item) for item in sets or [])
     if config is None and Path("pipeline.yaml").is_file():
         config = Path("pipeline.yaml")
@@ -77,6 +86,7 @@ def build_config(config: Path | None, sets: list[str] | None, **flags: Any) -> P
         "ablate_seeds": "ablate.seeds",
         "ablate_baseline": "ablate.baseline",
         "ablate_select_on": "ablate.select_on",
+        "trust_checkpoint": "backbone.trust_checkpoint",
     }
     for flag, value in flags.items():
         if value is not None:

@@ -10,11 +10,10 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pathseg.data_files import parse_yaml, read_yaml
 from pathseg.errors import PathsegError
-from pathseg.yaml_io import load_settings_yaml
 
 
 class Section(BaseModel):
@@ -172,6 +171,9 @@ class BackboneConfig(Section):
     name: str = "tiny"
     config: Path | None = None
     seed: int = 0
+    # Unpickle checkpoints (.ckpt, .pth) in full, which runs any code they carry. Off: their tensors are read as
+    # data (pathseg/checkpoint_loading.py). A permission, not a property of the weights: not in any store key.
+    trust_checkpoint: bool = False
 
 
 class ConditioningConfig(Section):
@@ -354,10 +356,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise PathsegError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    try:
-        value = load_settings_yaml(raw) if raw else None
-    except yaml.YAMLError as error:
-        raise PathsegError(f"override {text!r}: value is not valid YAML ({error})") from None
+    value = parse_yaml(raw, f"override {text!r}", "quote the value or fix its YAML") if raw else None
     return key.strip(), value
 
 
@@ -379,10 +378,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         source = str(path)
         if not Path(path).is_file():
             raise PathsegError(f"config file {path} does not exist; pass --config with a pipeline.yaml")
-        try:
-            loaded = load_settings_yaml(Path(path).read_text())
-        except yaml.YAMLError as error:
-            raise PathsegError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        loaded = read_yaml(path, "fix it against the shipped pipeline.yaml")
         if loaded is not None and not isinstance(loaded, dict):
             raise PathsegError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}

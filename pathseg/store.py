@@ -14,7 +14,9 @@ One Zarr v3 group per (dataset, backbone weights, conditioning, tiling, noise se
     done/latents  (n_shards,) uint8
 
 A flag is written only after the data it vouches for has been flushed to disk (fsync), so a killed
-run, even by SIGKILL or a power cut, leaves at worst unflagged work, which the next run redoes. A new
+run, even by SIGKILL or a power cut, leaves at worst unflagged work, which the next run redoes. Every
+chunk carries zstd's content checksum, so a flipped bit on disk fails its read (one line naming the array)
+instead of decoding into different numbers; attrs are checked on opening (`store_schema`). A new
 store is laid out in a side directory and renamed into place, so a half-created store never looks
 like one. Blocks keep their native resolution: upsampling is the head's job.
 """
@@ -36,10 +38,25 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pathseg.errors import PathsegError
-from pathseg.store_files import _fsync_dir, _fsync_file, _fsync_tree
+from pathseg.store_files import (
+    _fsync_dir,
+    _fsync_file,
+    _fsync_tree,
+    error_reason,
+    read_array,
+    shard_file,
+    shard_lost,
+    tile_span,
+)
+from pathseg.store_schema import check_store_attrs
 from pathseg.tiling import TileGrid
 
 SCHEMA_VERSION = 1
+
+
+def zstd(level: int) -> ZstdCodec:
+    """zstd with its content checksum: without it most flipped bits decode silently into other values."""
+    return ZstdCodec(level=level, checksum=True)
 
 
 def canonical_json(value: Any) -> str:
@@ -148,7 +165,7 @@ class FeatureStore:
         try:
             group = zarr.open_group(str(path), mode=mode)
             attrs = dict(group.attrs)
-        except (ValueError, OSError, json.JSONDecodeError) as error:
+        except Exception as error:  # zarr raises whatever its parsing of a damaged zarr.json meets
             raise PathsegError(f"{path} is not a readable feature store ({str(error).splitlines()[0]}); "
                                "re-extract it with --overwrite") from None
         store = cls(path, group)
@@ -162,6 +179,17 @@ class FeatureStore:
                 f"{path}: its recorded identity does not match its fingerprint (edited or mixed stores?); "
                 "run `pathseg cache verify` on it, or re-extract with --overwrite"
             )
+        check_store_attrs(path, attrs, feature_key)
+        try:
+            tables = group.get("tiles/image")
+        except Exception:  # its zarr.json is damaged: zarr raises whatever its parser meets
+            tables = None
+        planned = sum(row["rows"] * row["cols"] for row in attrs["images"])
+        if not isinstance(tables, zarr.Array) or tables.ndim != 1 or tables.shape[0] != planned:
+            raise PathsegError(f"{path}: tiles/image does not match the image table in its attrs (edited or "
+                               "damaged); re-extract it with --overwrite")
+        for key in ("tiles/origin", "tiles/labels", "images/done"):  # read by every stage: checked once, here
+            store._array(key)
         return store
 
     @classmethod
@@ -194,7 +222,7 @@ class FeatureStore:
         group = zarr.open_group(str(building), mode="w")
         n_tiles = int(sum(entry.n_tiles for entry in images))
         image_index = np.concatenate([np.full(e.n_tiles, i, dtype=np.int32) for i, e in enumerate(images)])
-        compressor = ZstdCodec(level=compression_level)
+        compressor = zstd(compression_level)
         group.create_array("tiles/image", data=image_index, chunks=(max(n_tiles, 1),), compressors=compressor)
         group.create_array(
             "tiles/origin", data=origins.astype(np.int32), chunks=(max(n_tiles, 1), 2), compressors=compressor
@@ -207,7 +235,8 @@ class FeatureStore:
             compressors=compressor,
             fill_value=0,
         )
-        group.create_array("images/done", shape=(len(images),), dtype="uint8", chunks=(1,), fill_value=0)
+        group.create_array("images/done", shape=(len(images),), dtype="uint8", chunks=(1,), fill_value=0,
+                           compressors=compressor)
         group.attrs.update(
             {
                 "schema_version": SCHEMA_VERSION,
@@ -274,16 +303,16 @@ class FeatureStore:
 
     @property
     def n_tiles(self) -> int:
-        return int(self.group["tiles/image"].shape[0])
+        return int(self._array("tiles/image").shape[0])
 
     def tile_images(self) -> np.ndarray:
         if "tile_images" not in self._fixed:
-            self._fixed["tile_images"] = np.asarray(self.group["tiles/image"][:])
+            self._fixed["tile_images"] = read_array(self._array("tiles/image"))
         return self._fixed["tile_images"]
 
     def tile_origins(self) -> np.ndarray:
         if "tile_origins" not in self._fixed:
-            self._fixed["tile_origins"] = np.asarray(self.group["tiles/origin"][:])
+            self._fixed["tile_origins"] = read_array(self._array("tiles/origin"))
         return self._fixed["tile_origins"]
 
     def tiles_of_splits(self, splits: list[str]) -> np.ndarray:
@@ -294,10 +323,25 @@ class FeatureStore:
     def splits(self) -> list[str]:
         return list(dict.fromkeys(entry.split for entry in self.images))
 
+    def member(self, key: str) -> zarr.Array | zarr.Group | None:
+        """The array or group at `key`, None when absent; metadata that does not parse is damage, in one line."""
+        try:
+            return self.group.get(key)
+        except Exception as error:  # zarr raises whatever its JSON and metadata parsing meets
+            raise PathsegError(f"{self.path}: {key} has unreadable metadata ({error_reason(error)}); the store is "
+                               "damaged: run `pathseg cache verify`, then re-extract with --overwrite") from None
+
+    def _array(self, key: str) -> zarr.Array:
+        node = self.member(key)
+        if not isinstance(node, zarr.Array):
+            raise PathsegError(f"{self.path}: {key} is missing; the store is damaged: run `pathseg cache verify`, "
+                               "then re-extract with --overwrite")
+        return node
+
     # ---- images and labels ---------------------------------------------------------------------
 
     def image_done(self) -> np.ndarray:
-        return np.asarray(self.group["images/done"][:]).astype(bool)
+        return self._flags("images/done")
 
     def write_image(
         self, index: int, rgb: np.ndarray, labels: np.ndarray, instances: np.ndarray | None, tile_labels: np.ndarray
@@ -309,7 +353,7 @@ class FeatureStore:
                 f"image {entry.id!r}: pixels {rgb.shape[:2]} or labels {labels.shape} differ from the recorded size "
                 f"{(entry.height, entry.width)}"
             )
-        compressor = ZstdCodec(level=int(self.attrs["compression_level"]))
+        compressor = zstd(int(self.attrs["compression_level"]))
         chunk = (min(entry.height, 1024), min(entry.width, 1024))
         base = f"images/{index}"
         self.group.create_array(f"{base}/rgb", data=rgb, chunks=(*chunk, 3), compressors=compressor, overwrite=True)
@@ -325,7 +369,7 @@ class FeatureStore:
                 overwrite=True,
             )
         start = entry.first_tile
-        target = self.group["tiles/labels"]
+        target = self._array("tiles/labels")
         slabs = tile_labels.batches() if hasattr(tile_labels, "batches") else [(0, tile_labels)]
         for offset, slab in slabs:  # lazily cut tiles of a large ROI arrive a bounded slab at a time
             slab = np.asarray(slab, dtype=np.uint8)
@@ -333,21 +377,40 @@ class FeatureStore:
         _fsync_tree(self.path / base)
         for tile in range(start, start + entry.n_tiles):  # this image's label chunks only, not the whole array
             _fsync_file(self.path / "tiles" / "labels" / "c" / str(tile))
-        self.group["images/done"][index] = 1
+        self._array("images/done")[index] = 1
         _fsync_file(self.path / "images" / "done" / "c" / str(index))
 
     def image_rgb(self, index: int) -> np.ndarray:
-        return np.asarray(self.group[f"images/{index}/rgb"][:])
+        return read_array(self._image_array(index, "rgb"))
 
     def image_labels(self, index: int) -> np.ndarray:
-        return np.asarray(self.group[f"images/{index}/labels"][:])
+        return read_array(self._image_array(index, "labels"))
 
     def image_instances(self, index: int) -> np.ndarray | None:
         key = f"images/{index}/instances"
-        return np.asarray(self.group[key][:]) if key in self.group else None
+        return read_array(self._image_array(index, "instances")) if self.member(key) is not None else None
+
+    def _image_array(self, index: int, part: str) -> zarr.Array:
+        key = f"images/{index}/{part}"
+        array = self.member(key)
+        entry = self.images[index]
+        shape = (entry.height, entry.width, 3) if part == "rgb" else (entry.height, entry.width)
+        if not isinstance(array, zarr.Array) or tuple(array.shape) != shape:
+            raise PathsegError(f"{self.path}: {key} is missing or not {entry.height}x{entry.width} (image "
+                               f"{entry.id!r} is flagged written); run `pathseg cache verify`, or rerun `pathseg "
+                               "extract` with --overwrite")
+        return array
+
+    def _flags(self, key: str) -> np.ndarray:
+        """A done-flag array as booleans; any value but 0 or 1 means the flags themselves are damaged."""
+        flags = read_array(self._array(key), what="(done flags)")
+        if flags.size and not np.isin(flags, (0, 1)).all():
+            raise PathsegError(f"{self.path}: {key} holds values other than 0 and 1, so its done flags are "
+                               "damaged; run `pathseg cache verify`, then re-extract with --overwrite")
+        return flags.astype(bool)
 
     def tile_labels(self, tiles: np.ndarray | slice) -> np.ndarray:
-        return read_rows(self.group["tiles/labels"], tiles)
+        return read_rows(self._array("tiles/labels"), tiles)
 
     # ---- features ------------------------------------------------------------------------------
 
@@ -365,7 +428,7 @@ class FeatureStore:
 
     def has_feature(self, timestep: int, block: str) -> bool:
         if is_z0(block):
-            return "latents/z0" in self.group
+            return self.member("latents/z0") is not None
         return feature_key(timestep, block) in self.attrs["features"]
 
     def ensure_feature(self, timestep: int, block: str, channels: int, height: int, width: int,
@@ -395,18 +458,19 @@ class FeatureStore:
             dtype=dtype,
             chunks=(1, channels, height, width),
             shards=(per_shard, channels, height, width),
-            compressors=ZstdCodec(level=int(self.attrs["compression_level"])),
+            compressors=zstd(int(self.attrs["compression_level"])),
             fill_value=0,
             overwrite=True,
         )
         self.group.create_array(
-            f"done/{key}", shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True
+            f"done/{key}", shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True,
+            compressors=zstd(int(self.attrs["compression_level"])),
         )
         registry[key] = info.__dict__
         self.group.attrs["features"] = registry
 
     def _any_shard_done(self, key: str) -> bool:
-        return bool(np.asarray(self.group[f"done/{key}"][:]).any())
+        return bool(self._flags(f"done/{key}").any())
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.tiles_per_shard, min((shard + 1) * self.tiles_per_shard, self.n_tiles)
@@ -419,8 +483,7 @@ class FeatureStore:
             raise KeyError(feature_key(timestep, block))
         if is_z0(block):
             return np.flatnonzero(~self.latent_shards_done()).tolist()
-        flags = np.asarray(self.group[f"done/{feature_key(timestep, block)}"][:])
-        return np.flatnonzero(flags == 0).tolist()
+        return np.flatnonzero(~self._flags(f"done/{feature_key(timestep, block)}")).tolist()
 
     def write_shard(self, timestep: int, block: str, shard: int, data: np.ndarray,
                     largest: np.ndarray | None = None) -> None:
@@ -434,7 +497,7 @@ class FeatureStore:
         start, stop = self.shard_range(shard)
         if data.shape[0] != stop - start:
             raise ValueError(f"shard {shard} of {key} holds {stop - start} tiles, got {data.shape[0]}")
-        array = self.group[f"features/{key}"]
+        array = self._array(f"features/{key}")
         stored = data.astype(array.dtype, copy=False)
         finite = np.isfinite(stored).reshape(len(stored), -1).all(axis=1)
         if not finite.all():
@@ -442,38 +505,38 @@ class FeatureStore:
                                                  largest if largest is not None else data, str(array.dtype)))
         array[start:stop] = stored
         _fsync_file(self.path / "features" / key / "c" / str(shard))
-        self.group[f"done/{key}"][shard] = 1
+        self._array(f"done/{key}")[shard] = 1
         _fsync_file(self.path / "done" / key / "c" / str(shard))
 
     # ---- first-stage latents: z_0 per tile, so extending a store never re-runs the encoder ----------
 
     def latent_shards_done(self) -> np.ndarray:
-        if "done/latents" not in self.group:
+        if self.member("done/latents") is None:
             return np.zeros(self.n_shards, dtype=bool)
-        return np.asarray(self.group["done/latents"][:]).astype(bool)
+        return self._flags("done/latents")
 
     def read_latents(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.group["latents/z0"][start:stop])
+        return read_array(self._array("latents/z0"), slice(start, stop), tile_span(start, stop - 1))
 
     def ensure_latents(self, per_tile: tuple[int, ...]) -> None:
         """The z_0 array and its shard flags, unless they exist. Parallel writers need it made before they start."""
-        if "latents/z0" in self.group:
+        if self.member("latents/z0") is not None:
             return
         self.group.create_array(
             "latents/z0", shape=(self.n_tiles, *per_tile), dtype="float32", chunks=(1, *per_tile),
             shards=(self.tiles_per_shard, *per_tile),
-            compressors=ZstdCodec(level=int(self.attrs["compression_level"])), fill_value=0, overwrite=True,
+            compressors=zstd(int(self.attrs["compression_level"])), fill_value=0, overwrite=True,
         )
         self.group.create_array("done/latents", shape=(self.n_shards,), dtype="uint8", chunks=(1,),
-                                fill_value=0, overwrite=True)
+                                fill_value=0, overwrite=True, compressors=zstd(int(self.attrs["compression_level"])))
 
     def write_latents(self, shard: int, data: np.ndarray) -> None:
         """z_0 of a whole shard (float32, exact), the array created on first use, then its done flag."""
         self.ensure_latents(tuple(data.shape[1:]))
         start, stop = self.shard_range(shard)
-        self.group["latents/z0"][start:stop] = data.astype(np.float32, copy=False)
+        self._array("latents/z0")[start:stop] = data.astype(np.float32, copy=False)
         _fsync_file(self.path / "latents" / "z0" / "c" / str(shard))
-        self.group["done/latents"][shard] = 1
+        self._array("done/latents")[shard] = 1
         _fsync_file(self.path / "done" / "latents" / "c" / str(shard))
 
     def feature_array(self, timestep: int, block: str) -> zarr.Array:
@@ -482,14 +545,14 @@ class FeatureStore:
         if is_z0(block):
             if not self.has_feature(timestep, block):
                 raise PathsegError(f"{self.path} has no first-stage latents (z0) yet; run `pathseg extract` first")
-            return self.group["latents/z0"]
+            return self._array("latents/z0")
         if not self.has_feature(timestep, block):
             cached = ", ".join(sorted(self.attrs["features"])) or "none"
             raise PathsegError(
                 f"{self.path} has no features for timestep {timestep}, block {block!r} (cached: {cached}); "
                 f"run `pathseg extract` with them first"
             )
-        return self.group[f"features/{key}"]
+        return self._array(f"features/{key}")
 
     def read_features(self, timestep: int, block: str, tiles: np.ndarray | slice) -> np.ndarray:
         return read_rows(self.feature_array(timestep, block), tiles)
@@ -511,6 +574,19 @@ class FeatureStore:
                     f"{self.path}: features t={timestep} {block} are incomplete ({len(missing)} shards missing); "
                     "rerun `pathseg extract` to finish them"
                 )
+            lost = self.lost_shards(timestep, block)
+            if lost:
+                raise PathsegError(
+                    f"{self.path}: {self.feature_array(timestep, block).path} ({pair_label(timestep, block)}): shards "
+                    f"{lost[:5]} are flagged done but their files are gone or empty (damaged store); run `pathseg "
+                    "cache verify`, then re-extract with --overwrite"
+                )
+
+    def lost_shards(self, timestep: int, block: str) -> list[int]:
+        """Shards flagged done whose shard file is not on disk: zarr would read them as zeros, silently."""
+        array = self.feature_array(timestep, block)
+        done = np.flatnonzero(~np.isin(np.arange(self.n_shards), self.missing_shards(timestep, block)))
+        return [int(s) for s in done if shard_lost(shard_file(self.path, array.path, int(s), array.ndim))]
 
     @property
     def compute_precision(self) -> str | None:
@@ -548,7 +624,7 @@ def read_rows(array: zarr.Array, rows: np.ndarray | slice) -> np.ndarray:
     short runs, so slices it is.
     """
     if isinstance(rows, slice):
-        return np.asarray(array[rows])
+        return read_array(array, rows)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
     if len(rows) == 0:
@@ -559,7 +635,7 @@ def read_rows(array: zarr.Array, rows: np.ndarray | slice) -> np.ndarray:
     start = 0
     for stop in [*breaks.tolist(), len(ordered)]:
         first, last = int(ordered[start]), int(ordered[stop - 1])
-        out[order[start:stop]] = array[first : last + 1]
+        out[order[start:stop]] = read_array(array, slice(first, last + 1), tile_span(first, last))
         start = stop
     return out
 
@@ -569,6 +645,9 @@ def list_stores(cache_dir: Path) -> list[Path]:
     if not cache_dir.is_dir():
         return []
     return sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "zarr.json").exists())
+
+
+BACKBONE_PERMISSIONS = {"trust_checkpoint"}  # how a file may be read, not which weights: never part of a key
 
 
 def store_key(config: Any) -> str:
@@ -585,7 +664,7 @@ def store_key(config: Any) -> str:
     key = {
         "schema": SCHEMA_VERSION,
         "dataset": {"name": dataset["name"], "root": root, "splits": dataset["splits"], "options": options},
-        "backbone": config.backbone.model_dump(mode="json"),
+        "backbone": config.backbone.model_dump(mode="json", exclude=BACKBONE_PERMISSIONS),
         "conditioning": config.conditioning.model_dump(mode="json"),
         "tiling": config.tiling.model_dump(mode="json"),
         "noise_seed": config.extract.noise_seed,

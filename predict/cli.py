@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from pathseg.cli_options import TrustCheckpointOption
 from pathseg.errors import PathsegError
 from pathseg.progress import say
 
@@ -48,6 +49,7 @@ def predict(
     scheduler: Annotated[
         str | None, typer.Option("--scheduler", help="address of a running dask scheduler to predict on")
     ] = None,
+    trust_checkpoint: TrustCheckpointOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Segment new images and slides with a trained head: label map, QuPath GeoJSON, overlay, per-class areas."""
@@ -62,7 +64,8 @@ def predict(
     summary = predict_images(run, inputs, out, backbone=backbone, device=device, workers=workers or 1,
                              scheduler=scheduler, show_progress=not quiet, mpp=mpp, object_type=object_type,
                              simplify=simplify, use_tissue_mask=not no_tissue_mask,
-                             tissue_threshold=tissue_threshold, probabilities=probabilities)
+                             tissue_threshold=tissue_threshold, probabilities=probabilities,
+                             trust_checkpoint=trust_checkpoint)
     if summary.written:
         from pathseg.predict.command import area_table
 

@@ -22,13 +22,14 @@ _worker_state: dict[str, Any] = {}
 
 def predict_on_cluster(run_dir: Path, jobs: list[tuple[Path, Path]], options: PredictOptions, *,
                        backbone: str | None, device: str | None, workers: int, scheduler: str | None,
-                       show_progress: bool) -> None:
+                       show_progress: bool, trust_checkpoint: bool = False) -> None:
     distributed = _distributed()
     settings = ExtractConfig(workers=max(1, workers), scheduler=scheduler, device=device or "auto")
     backbone = str(Path(backbone).resolve()) if backbone and Path(backbone).exists() else backbone
     with ExtractionCluster(settings, show_progress) as cluster:
         futures = [cluster.client.submit(predict_task, str(run_dir.resolve()), str(path.resolve()),
-                                         str(folder.resolve()), options, backbone, settings.device, pure=False)
+                                         str(folder.resolve()), options, backbone, settings.device,
+                                         trust_checkpoint, pure=False)
                    for path, folder in jobs]
         with progress_bar("predict", len(jobs), "inputs", show_progress) as advance:
             try:
@@ -39,15 +40,16 @@ def predict_on_cluster(run_dir: Path, jobs: list[tuple[Path, Path]], options: Pr
 
 
 def predict_task(run_dir: str, path: str, folder: str, options: PredictOptions, backbone: str | None,
-                 device_setting: str) -> int:
+                 device_setting: str, trust_checkpoint: bool = False) -> int:
     """On a worker: one input end to end; the predictor is built once per worker and run."""
     from pathseg.predict.command import predict_one
     from pathseg.predict.predictor import Predictor
 
     device = str(worker_device(device_setting))
-    key = f"{run_dir}|{backbone}|{device}"
+    key = f"{run_dir}|{backbone}|{device}|{trust_checkpoint}"
     if _worker_state.get("key") != key:
-        _worker_state["predictor"] = Predictor(Path(run_dir), backbone=backbone, device=device)
+        _worker_state["predictor"] = Predictor(Path(run_dir), backbone=backbone, device=device,
+                                               trust_checkpoint=trust_checkpoint)
         _worker_state["key"] = key
     predict_one(Path(path), Path(folder), _worker_state["predictor"], options, show_progress=False)
     return 1

@@ -6,8 +6,9 @@ import glob
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from pathseg.datasets.base import open_image
 from pathseg.errors import PathsegError
 from pathseg.slides import SLIDE_ONLY_SUFFIXES
 
@@ -38,13 +39,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8, whatever the file's mode (grey, RGBA, palette, 16-bit)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise PathsegError(f"{path}: cannot be read as an image ({str(error).splitlines()[0]})") from None
+    """(H, W, 3) uint8, whatever the file's mode (grey, RGBA, palette, 16-bit); a malformed file fails in one line."""
+    with open_image(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def resample(rgb: np.ndarray, scale: float) -> np.ndarray:

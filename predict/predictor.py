@@ -39,9 +39,14 @@ def training_mpp(config: PipelineConfig) -> float | None:
     return None
 
 
-def run_config(run: Run, backbone: str | None, device: str | None) -> PipelineConfig:
-    """The run's pipeline config, with the store's precision and, when given, another path to the backbone."""
+def run_config(run: Run, backbone: str | None, device: str | None, trust_checkpoint: bool = False) -> PipelineConfig:
+    """The run's pipeline config, with the store's precision and, when given, another path to the backbone.
+
+    Whether a checkpoint may be unpickled in full is the user's call on this command line, never what the
+    run's record says: run.json is a file like any other, and may come from someone else.
+    """
     config = PipelineConfig.model_validate(run.record["config"])
+    config.backbone.trust_checkpoint = trust_checkpoint
     if backbone is not None:
         config.backbone.name = backbone
     name = config.backbone.name
@@ -59,11 +64,12 @@ class Predictor:
     """Logits of whole images: tiles -> backbone features (rounded as stored) -> head -> blended."""
 
     def __init__(self, run_dir: Path, *, backbone: str | None = None, device: str | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, trust_checkpoint: bool = False) -> None:
         self.run = load_run(run_dir)
-        self.config = run_config(self.run, backbone, device)
+        self.config = run_config(self.run, backbone, device, trust_checkpoint)
         self.device = pick_device(self.config.extract.device)
-        built = load_backbone(self.config.backbone.name, self.config.backbone.config, self.config.backbone.seed)
+        b = self.config.backbone
+        built = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
         self.extractor = _Extractor(prepare_for_device(built, self.device, False), self.config, self.device)
         self.head = self.run.load_head(self.device)
         self.pairs = self.run.pairs

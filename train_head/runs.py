@@ -7,7 +7,6 @@ number can be traced to exactly the cache and settings that produced it.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,11 @@ from typing import Any
 
 import torch
 from pathseg.train_head.heads import DEFAULT_KIND, build_head, keyed_settings
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from pathseg.config import PipelineConfig
+from pathseg.data_files import read_json_object, read_safetensors
 from pathseg.errors import PathsegError
 from pathseg.store import Z0_BLOCK, Z0_PAIR, FeatureStore, digest, is_z0, store_path_for
 
@@ -127,7 +127,11 @@ class Run:
         weights = self.directory / "head.safetensors"
         if not weights.exists():
             raise PathsegError(f"{weights} is missing; the run did not finish, rerun `pathseg fit-head`")
-        head.load_state_dict(load_file(str(weights)))
+        try:
+            head.load_state_dict(read_safetensors(weights, "refit the head (`pathseg fit-head`)"))
+        except RuntimeError as error:
+            raise PathsegError(f"{weights}: the weights do not fit the head run.json describes "
+                               f"({str(error).splitlines()[0]}); refit the head (`pathseg fit-head`)") from None
         return head.to(device).eval()
 
 
@@ -137,7 +141,7 @@ def load_run(directory: Path) -> Run:
         raise PathsegError(
             f"{directory} is not a finished run (no run.json); pass a run directory of `pathseg fit-head`"
         )
-    record = json.loads(record_path.read_text())
+    record = read_json_object(record_path, "refit the head (`pathseg fit-head`)")
     if record.get("schema") != RUN_SCHEMA:
         raise PathsegError(f"{record_path}: run schema {record.get('schema')} is not {RUN_SCHEMA}; refit the head")
     return Run(Path(directory), record)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from pathseg.errors import PathsegError
+
+# Pillow logs what it meets in a malformed file (e.g. TIFF "More samples per pixel than can be decoded"), which
+# logging's last-resort handler prints next to pathseg's own one-line error; the error says it already. Handlers
+# a user configures still receive these records.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)
@@ -83,25 +90,45 @@ def digest_files(paths: list[Path], root: Path) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def open_image(path: Path, what: str = "image", *, header_only: bool = False):
+    """A PIL image, decoded (or only its header read), or one line naming the file.
 
+    A malformed file makes Pillow raise almost any exception type (OSError, SyntaxError, ValueError,
+    struct.error, IndexError, DecompressionBombError for a header whose size field was damaged...), so every
+    exception raised while decoding is taken as the file's fault. Pillow's warnings (odd TIFF metadata, an
+    image past its decompression-bomb warning size, as histology ROIs can be) are not printed: the file either
+    decodes, or fails here in one line.
+    """
+    from PIL import Image
+
+    image = None
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise PathsegError(f"{path}: cannot read this image ({error}); replace or remove the file") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            image = Image.open(path)
+            if not header_only:
+                image.load()
+        return image
+    except Image.DecompressionBombError as error:
+        raise PathsegError(f"{path}: {error}; crop it or raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except Exception as error:  # see the docstring: malformed files raise anything
+        if image is not None:
+            image.close()
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(error).__name__
+        raise PathsegError(f"{path}: cannot read this {what} ({reason}); replace or remove the file") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with open_image(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def read_label_map(path: Path) -> np.ndarray:
     """A label map as integers: palette and grey images give their indices; an RGB map must be grey."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise PathsegError(f"{path}: cannot read this label map ({error}); replace or remove the file") from None
+    with open_image(path, "label map") as image:
+        array = np.asarray(image)
     if array.ndim == 3:
         channels = array[..., :3]
         if not (
@@ -114,11 +141,6 @@ def read_label_map(path: Path) -> np.ndarray:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the header alone, without decoding pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise PathsegError(f"{path}: cannot read this image ({error}); replace or remove the file") from None
+    with open_image(path, header_only=True) as image:
+        width, height = image.size
     return height, width

@@ -13,18 +13,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pathseg.config import BCSSOptions, DatasetConfig
+from pathseg.data_files import read_text
 from pathseg.datasets.base import (
     ImageRecord,
     SegmentationDataset,
     digest_files,
     image_size,
+    open_image,
     require_pairs,
     require_root,
 )
@@ -51,14 +52,14 @@ def find_codes_file(root: Path) -> Path:
 def read_codes(path: Path) -> dict[str, int]:
     """label -> GT code, in file order; a header row (`label<TAB>GT_code`) is optional."""
     codes: dict[str, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "copy it again from the BCSS release").splitlines(), start=1):
         cells = [cell.strip() for cell in line.split("\t")] if "\t" in line else line.split()
         if not cells or not cells[0]:
             continue
         if len(cells) < 2:
             raise PathsegError(f"{path}:{number}: expected `label<TAB>GT_code`, found {line!r}")
         label, raw = cells[0], cells[1]
-        if not raw.lstrip("-").isdigit():
+        if not raw.lstrip("-").isdecimal():
             if not codes:
                 continue  # the header
             raise PathsegError(f"{path}:{number}: GT_code {raw!r} of {label!r} is not an integer")
@@ -103,19 +104,8 @@ def code_table(codes: dict[str, int], options: BCSSOptions, codes_path: Path) ->
 
 
 def _open(path: Path):
-    """PIL image of a trusted, possibly very large ROI (BCSS ROIs can pass PIL's decompression-bomb warning)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-    except Image.DecompressionBombError as error:
-        raise PathsegError(f"{path}: {error}; crop the ROI or raise PIL.Image.MAX_IMAGE_PIXELS") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise PathsegError(f"{path}: cannot read this image ({error}); replace or remove the file") from None
-    return image
+    """PIL image of a possibly very large ROI (BCSS ROIs can pass PIL's decompression-bomb warning)."""
+    return open_image(path)
 
 
 RESAMPLE = {"area": "BOX", "bicubic": "BICUBIC", "lanczos": "LANCZOS"}

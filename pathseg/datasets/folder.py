@@ -11,7 +11,6 @@ before a long extraction starts; label values are checked when a mask is decoded
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import re
@@ -20,21 +19,21 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pathseg.config import DatasetConfig, FolderOptions
+from pathseg.data_files import escapes_folder, read_csv_rows, read_yaml
 from pathseg.datasets.base import (
     ImageRecord,
     SegmentationDataset,
     digest_files,
     image_size,
+    open_image,
     read_rgb,
     require_pairs,
     require_root,
 )
 from pathseg.errors import PathsegError
-from pathseg.yaml_io import load_settings_yaml
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")
@@ -116,10 +115,7 @@ def read_classes(path: Path) -> ClassTable:
             f"{path} does not exist; write it with the class names (README, 'Your own annotated images') "
             "or point dataset.folder.classes_file at yours"
         )
-    try:
-        raw = load_settings_yaml(path.read_text())
-    except yaml.YAMLError as error:
-        raise PathsegError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    raw = read_yaml(path, "fix it as README's 'Your own annotated images' shows")
     if isinstance(raw, list):
         raw = {"classes": raw}
     try:
@@ -175,14 +171,7 @@ def read_classes(path: Path) -> ClassTable:
 
 
 def _open_mask(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise PathsegError(f"{path}: cannot read this mask ({error}); replace or remove the file") from None
-    return image
+    return open_image(path, "mask")
 
 
 def _index_labels(path: Path, classes: ClassTable) -> np.ndarray:
@@ -269,9 +258,12 @@ def _list_files(directory: Path, extensions: tuple[str, ...], kind: str) -> dict
 
 
 def read_splits(path: Path, stems: list[str]) -> dict[str, str]:
-    """stem -> split from `stem,split` rows (header optional); every image must be placed, once."""
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    """stem -> split from `stem,split` rows (header optional); every image must be placed, once.
+
+    A row names an image by its stem only: a folder part (`../x`, `sub/x`) is refused outright, so a splits
+    file from elsewhere cannot point pathseg at files outside images/.
+    """
+    rows = [row for row in read_csv_rows(path, "write `stem,split` rows") if row and any(c.strip() for c in row)]
     known = set(stems)
     splits: dict[str, str] = {}
     for number, row in enumerate(rows, start=1):
@@ -281,6 +273,9 @@ def read_splits(path: Path, stems: list[str]) -> dict[str, str]:
         if len(cells) < 2 or not cells[1]:
             raise PathsegError(f"{path}:{number}: expected `stem,split`, found {','.join(row)!r}")
         stem, split = cells[0], cells[1]
+        if escapes_folder(stem):
+            raise PathsegError(f"{path}:{number}: {stem!r} is a path, not an image stem; name images by their stem "
+                               "(file name without extension) in images/")
         if stem not in known:
             raise PathsegError(f"{path}:{number}: no image with stem {stem!r} in images/; fix or drop the row")
         if stem in splits:

@@ -6,7 +6,6 @@ patient, and a patient on both sides of the split would leak.
 
 from __future__ import annotations
 
-import csv
 import functools
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pathseg.config import DatasetConfig
+from pathseg.data_files import read_csv_rows
 from pathseg.datasets.base import (
     ImageRecord,
     SegmentationDataset,
@@ -30,16 +30,32 @@ OFFICIAL_SPLITS = ("train", "testA", "testB")
 
 
 def read_grades(path: Path) -> dict[str, str]:
-    """image name -> patient ID; the official headers carry leading spaces, so keys are stripped."""
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    if not rows:
+    """image name -> patient ID; the official headers carry leading spaces, so keys are stripped.
+
+    Patients decide the validation split, so a row without a patient, or an image given two patients, is
+    refused rather than guessed.
+    """
+    rows = read_csv_rows(path, "use the official GlaS Grade.csv")
+    if not any(rows):
         raise PathsegError(f"{path}: empty; expected the official GlaS Grade.csv")
-    header = [cell.strip().lower() for cell in rows[0]]
+    header_row = next(row for row in rows if row)
+    header = [cell.strip().lower() for cell in header_row]
     if "name" not in header or "patient id" not in header:
-        raise PathsegError(f"{path}: needs columns 'name' and 'patient ID', found {rows[0]}")
+        raise PathsegError(f"{path}: needs columns 'name' and 'patient ID', found {header_row}")
     name_col, patient_col = header.index("name"), header.index("patient id")
-    return {row[name_col].strip(): row[patient_col].strip() for row in rows[1:] if len(row) > patient_col}
+    patients: dict[str, str] = {}
+    for number, row in enumerate(rows[rows.index(header_row) + 1 :], start=rows.index(header_row) + 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        name = row[name_col].strip() if len(row) > name_col else ""
+        patient = row[patient_col].strip() if len(row) > patient_col else ""
+        if not name or not patient:
+            raise PathsegError(f"{path}:{number}: expected an image name and its patient ID, found {row}")
+        if patients.setdefault(name, patient) != patient:
+            raise PathsegError(f"{path}:{number}: {name} is given patients {patients[name]} and {patient}")
+    if not patients:
+        raise PathsegError(f"{path}: lists no images under its header; expected the official GlaS Grade.csv")
+    return patients
 
 
 def carve_validation(patients: dict[str, str], fraction: float, seed: int) -> set[str]:
@@ -116,6 +132,12 @@ class GlaS(SegmentationDataset):
     def records(self) -> list[ImageRecord]:
         images = self._images()
         patients = self._patients()
+        unplaced = [stem for split, stem, _, _ in images if split == "train" and stem not in patients]
+        if unplaced and self.val_fraction > 0:
+            raise PathsegError(
+                f"{self.root / 'Grade.csv'}: no row for {', '.join(unplaced[:5])}; the validation split needs every "
+                "train image's patient (add the rows, or set dataset.glas.val_fraction=0)"
+            )
         train_patients = {stem: patients.get(stem, stem) for split, stem, _, _ in images if split == "train"}
         held_out = carve_validation(train_patients, self.val_fraction, self.split_seed)
         records = []

@@ -109,7 +109,7 @@ def test_bad_inputs_fail_in_one_line(trained, tmp_path, monkeypatch, capsys):
     fake_slide = tmp_path / "scan.svs"
     fake_slide.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing behind it
     cases = [
-        ([str(run_dir), str(broken), "--out", str(tmp_path / "o1")], "broken.png: cannot be read"),
+        ([str(run_dir), str(broken), "--out", str(tmp_path / "o1")], "broken.png: cannot read this image"),
         ([str(run_dir), str(text), "--out", str(tmp_path / "o2")], "notes.txt: not a supported image"),
         ([str(run_dir), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o3")], "missing.png does not exist"),
         ([str(no_head), str(good), "--out", str(tmp_path / "o4")], "head.safetensors is missing"),

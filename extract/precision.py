@@ -13,15 +13,16 @@ from pathseg.errors import PathsegError
 from pathseg.store import FeatureStore
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, setting: str = "extract.device") -> torch.device:
+    """The torch device a setting names; `setting` is what the one-line error points at."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise PathsegError(f"extract.device {name!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
+        raise PathsegError(f"{setting} {name!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PathsegError(f"extract.device is {name!r} but no CUDA GPU is visible; use auto or cpu")
+        raise PathsegError(f"{setting} is {name!r} but no CUDA GPU is visible; use auto or cpu")
     return device
 
 

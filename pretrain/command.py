@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pathseg.extract.precision import pick_device
 from pathseg.extract.runner import conditioning_fingerprint
 from pathseg.pretrain.checkpoints import CHECKPOINT, load_checkpoint, remove_stale_temporaries
 from pathseg.pretrain.data import build_stream, crop_size
@@ -46,15 +47,7 @@ def work_dir_for(out: Path) -> Path:
 
 
 def training_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PathsegError(f"pretrain.device {name!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PathsegError(f"pretrain.device is {name!r} but no CUDA GPU is visible; use auto or cpu")
-    return device
+    return pick_device(name, "pretrain.device")
 
 
 def training_precision(device: torch.device, setting: str) -> str:

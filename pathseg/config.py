@@ -289,6 +289,7 @@ class PretrainConfig(Section):
     first_stage_crop: int | None = Field(128, ge=4)  # phase 1 trains on random crops this size; null = whole tiles
     steps: int = Field(2000, ge=2)
     first_stage_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    first_stage_steps: int | None = Field(None, ge=1)  # overrides first_stage_fraction; fixed when extending a run
     batch_size: int = Field(8, ge=1)
     lr_first_stage: float = Field(1e-4, gt=0)
     lr_unet: float = Field(1e-4, gt=0)
@@ -298,6 +299,7 @@ class PretrainConfig(Section):
     condition_dropout: float = Field(0.1, ge=0.0, le=1.0)
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
     checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoint: bool = True  # kept beside --out after the export, so a larger --steps extends the run
     splits: list[str] = Field(["train"], min_length=1)
     flips: bool = True
     colour_jitter: float = Field(0.05, ge=0.0, lt=1.0)

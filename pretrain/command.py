@@ -1,9 +1,11 @@
 """`pathseg pretrain`: settings and data -> both phases (resuming from a checkpoint) -> backbone directory.
 
 What may be resumed is decided by the run's identity: model shapes, data, tiling, conditioning, seed,
-the phase split and the first stage's training crop (it changes what phase 1 trains on). Learning rates,
+the first stage's step count and training crop (they change what phase 1 trains on). Learning rates,
 loss weights, batch size, device and checkpoint interval are not in it, so a run stopped by a NaN can
-resume from its last good checkpoint with a lower learning rate.
+resume from its last good checkpoint with a lower learning rate. Nor is the total step count: the
+learning rates are constant, so the first k steps of a run do not depend on how many follow, and a
+finished run (its checkpoint is kept beside `--out`) is extended by rerunning it with a larger `--steps`.
 """
 
 from __future__ import annotations
@@ -76,27 +78,51 @@ def run_identity(config: PipelineConfig, configs: dict, data: dict) -> dict:
         "tiling": config.tiling.model_dump(mode="json"),
         "conditioning": conditioning_fingerprint(config),
         "seed": s.seed,
-        "steps": s.steps,
-        "first_stage_fraction": s.first_stage_fraction,
+        "first_stage_steps": phase_steps(s)[0],
         "first_stage_crop": crop_size(s.first_stage_crop, config.tiling.tile_size),  # None: whole tiles
     }
     return json.loads(canonical_json(identity))
 
 
-def finished_backbone(out: Path, key: str, overwrite: bool) -> bool:
+def legacy_identity(identity: dict) -> dict:
+    """A checkpoint written before the identity held `first_stage_steps` (it held `steps` and
+    `first_stage_fraction`) in today's form, so such runs still resume and extend."""
+    if "first_stage_steps" in identity or "steps" not in identity or "first_stage_fraction" not in identity:
+        return identity
+    legacy = {k: v for k, v in identity.items() if k not in ("steps", "first_stage_fraction")}
+    steps = int(identity["steps"])
+    legacy["first_stage_steps"] = min(max(1, round(steps * float(identity["first_stage_fraction"]))), steps - 1)
+    return legacy
+
+
+def finished_backbone(out: Path, key: str, steps: int, checkpoint: Path, overwrite: bool) -> bool:
     """True when `out` already holds this very pretraining; refuses to replace another one unless told to.
 
     --overwrite replaces only what was made with other settings: the same command, flag included, run
-    again after a kill resumes, and run again after it finished does nothing.
+    again after a kill resumes, and run again after it finished does nothing. The same run with a larger
+    `--steps` extends it from its kept checkpoint and replaces `out` when done.
     """
     record = out / PRETRAIN_RECORD
     if record.is_file():
         try:
-            recorded = json.loads(record.read_text()).get("settings_key")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        if recorded == key:
+            recorded = json.loads(record.read_text())
+            recorded_key, recorded_steps = recorded.get("settings_key"), int(recorded["steps"]["total"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            recorded_key, recorded_steps = None, None
+        if recorded_key == key and recorded_steps == steps:
             return True
+        if recorded_key == key and not overwrite:
+            if recorded_steps is not None and recorded_steps > steps:
+                raise PathsegError(
+                    f"{out} was pretrained for {recorded_steps} steps and a run cannot be shortened; use --steps "
+                    f"{recorded_steps} or more, or choose another --out"
+                )
+            if not checkpoint.is_file():
+                raise PathsegError(
+                    f"cannot extend {out} to {steps} steps: its checkpoint {checkpoint} is gone; rerun with "
+                    "--overwrite to pretrain afresh, or choose another --out"
+                )
+            return False
         if overwrite:
             return False
         raise PathsegError(
@@ -119,6 +145,8 @@ def resume_point(checkpoint: Path, identity: dict, key: str, overwrite: bool) ->
         if not overwrite:
             raise
         saved = {}
+    if saved.get("identity_key") != key and digest(legacy_identity(saved.get("identity", {}))) == key:
+        saved["identity"], saved["identity_key"] = identity, key
     if saved.get("identity_key") != key and overwrite:
         checkpoint.unlink()
         return None
@@ -154,15 +182,20 @@ def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progres
                                                           config.tiling.tile_size)
     identity = run_identity(config, configs, stream.reader.identity())
     key = digest(identity)
-    if finished_backbone(out, key, overwrite):
+    work = work_dir_for(out)
+    checkpoint = work / CHECKPOINT
+    if finished_backbone(out, key, settings.steps, checkpoint, overwrite):
         record = json.loads((out / PRETRAIN_RECORD).read_text())
         return PretrainSummary(out, already_done=True, record=record)
 
-    work = work_dir_for(out)
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(work)
-    checkpoint = work / CHECKPOINT
     saved = resume_point(checkpoint, identity, key, overwrite)
+    if saved is not None and int(saved["state"]["step"]) > settings.steps:
+        raise PathsegError(
+            f"{checkpoint} is at step {saved['state']['step']}, past --steps {settings.steps}; a run cannot be "
+            "shortened: use a larger --steps, or --overwrite to start afresh"
+        )
     torch.manual_seed(settings.seed)
     trainer = Trainer(config, configs, device, autocast_factory(device, precision), stream, conditioning,
                       checkpoint, identity, key, steps)
@@ -176,5 +209,8 @@ def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progres
     trainer.train_first_stage(show_progress)
     trainer.train_unet(show_progress)
     summary.record = export_backbone(trainer, out, work)
-    shutil.rmtree(work, ignore_errors=True)
+    if settings.keep_checkpoint:
+        shutil.rmtree(work / "backbone", ignore_errors=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return summary

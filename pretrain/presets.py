@@ -59,6 +59,11 @@ def model_configs(settings: PretrainConfig) -> dict:
 
 
 def phase_steps(settings: PretrainConfig) -> tuple[int, int]:
-    """(first-stage steps, UNet steps): `steps` split by `first_stage_fraction`, at least one step each."""
-    first = min(max(1, round(settings.steps * settings.first_stage_fraction)), settings.steps - 1)
+    """(first-stage steps, UNet steps): `first_stage_steps`, or `steps` split by `first_stage_fraction`; at
+    least one step each."""
+    if settings.first_stage_steps is not None:
+        first = settings.first_stage_steps
+    else:
+        first = round(settings.steps * settings.first_stage_fraction)
+    first = min(max(1, first), settings.steps - 1)
     return first, settings.steps - first

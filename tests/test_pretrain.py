@@ -99,7 +99,9 @@ def test_both_phases_lower_their_loss_and_the_directory_is_complete(pretrained):
     assert record["data"]["splits"] == ["train"] and record["data"]["images"] == 2  # val and test never seen
     assert all(rate > 0 for rate in record["steps_per_second"].values())
     assert record["seed"] == 0 and record["versions"]["torch"] and record["config"]["pretrain"]["steps"] == 24
-    assert not work_dir_for(out).exists()  # the checkpoint goes once the backbone is in place
+    kept = work_dir_for(out)  # only the last checkpoint stays, so a larger --steps can extend the run
+    assert [p.name for p in kept.iterdir()] == [CHECKPOINT]
+    assert load_checkpoint(kept / CHECKPOINT)["state"]["step"] == 24
 
 
 def test_the_tile_order_is_a_seeded_windowed_shuffle(tmp_path):
@@ -179,6 +181,60 @@ def test_a_run_stopped_in_phase_one_resumes_with_the_same_crops_and_refuses_anot
     summary = run_pretraining(pretrain_config(tmp_path), out, show_progress=False)
     assert summary.resumed_from == 4
     np.testing.assert_allclose(history(out)["first_stage"], history(reference)["first_stage"], rtol=1e-5)
+
+
+def test_a_finished_run_extends_to_more_steps_as_if_run_that_long_and_cannot_shorten(pretrained, tmp_path):
+    """The learning rates are constant, so 16 steps then 8 more are the reference's 24 steps, exactly."""
+    _, reference, _ = pretrained
+    out = tmp_path / "backbone"
+    fixed_first = {"pretrain.first_stage_steps": 12}
+    short = run_pretraining(pretrain_config(tmp_path, **{"pretrain.steps": 16}, **fixed_first), out,
+                            show_progress=False)
+    assert short.record["steps"] == {"total": 16, "first_stage": 12, "unet": 4}
+    short_digest = short.record["weights_digest"]
+
+    extended = run_pretraining(pretrain_config(tmp_path, **fixed_first), out, show_progress=False)
+    assert extended.resumed_from == 16 and extended.record["steps"]["total"] == 24
+    assert extended.record["weights_digest"] != short_digest
+    np.testing.assert_allclose(history(out)["unet"], history(reference)["unet"], rtol=1e-5)
+    for part in ("unet", "first_stage"):
+        ours = load_file(out / part / "diffusion_pytorch_model.safetensors")
+        theirs = load_file(reference / part / "diffusion_pytorch_model.safetensors")
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5)
+    assert run_pretraining(pretrain_config(tmp_path, **fixed_first), out, show_progress=False).already_done
+    with pytest.raises(PathsegError, match="cannot be shortened"):
+        run_pretraining(pretrain_config(tmp_path, **{"pretrain.steps": 20}, **fixed_first), out, show_progress=False)
+
+
+def test_a_checkpoint_from_before_first_stage_steps_still_resumes(pretrained, tmp_path, monkeypatch):
+    """Checkpoints once held `steps` and `first_stage_fraction` in their identity; the same split resumes."""
+    import pathseg.pretrain.trainer as trainer
+    from pathseg.pretrain.checkpoints import save_checkpoint
+
+    from pathseg.store import digest
+
+    saving = trainer.save_checkpoint
+
+    def save_then_stop(path, content):
+        saving(path, content)
+        if content["state"]["step"] == 16:
+            raise Interrupted
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    out = tmp_path / "backbone"
+    with pytest.raises(Interrupted):
+        run_pretraining(pretrain_config(tmp_path), out, show_progress=False)
+    monkeypatch.setattr(trainer, "save_checkpoint", saving)
+    checkpoint = work_dir_for(out) / CHECKPOINT
+    saved = load_checkpoint(checkpoint)
+    legacy = {k: v for k, v in saved["identity"].items() if k != "first_stage_steps"}
+    legacy.update(steps=24, first_stage_fraction=0.5)
+    save_checkpoint(checkpoint, {**saved, "identity": legacy, "identity_key": digest(legacy)})
+
+    summary = run_pretraining(pretrain_config(tmp_path), out, show_progress=False)
+    assert summary.resumed_from == 16
+    np.testing.assert_allclose(history(out)["unet"], history(pretrained[1])["unet"], rtol=1e-5)
 
 
 KILLED_RUN = """

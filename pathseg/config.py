@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pathseg.data_files import parse_yaml, read_yaml
 from pathseg.errors import PathsegError
+from pathseg.memory_budget import parse_size
 
 
 class Section(BaseModel):
@@ -254,6 +255,20 @@ class TrainConfig(Section):
     prefetch: int = Field(2, ge=0)
     train_split: str = "train"
     val_split: str = "val"
+    shuffle_window: int = Field(128, ge=1)  # tiles: a shuffled batch draws from this many tiles' shards
+    memory_budget: str | int = "auto"  # RAM for features served from memory; auto = half of what is available
+    loader_threads: int = Field(0, ge=0)  # shard-decoding threads; 0 = one per core, up to 4
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_is_a_size(cls, value: str | int) -> str | int:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return value
+        try:
+            parse_size(value)
+        except PathsegError as error:
+            raise ValueError(str(error)) from None
+        return value
 
 
 class EvaluateConfig(Section):

@@ -125,7 +125,7 @@ def test_batches_without_labelled_pixels_are_skipped_not_nan(extracted_small, tm
     config.train.val_split = "none"
     config.train.augment = False
     config.train.batch_size = 4
-    monkeypatch.setattr(StoreLoader, "_order", lambda self: self.tiles)  # storage order: one batch is all-ignored
+    monkeypatch.setattr(StoreLoader, "windows", lambda self: [self.tiles])  # storage order: one batch all-ignored
     result = fit_head(config, store_path=copy, show_progress=False)
     assert all(np.isfinite(row["train_loss"]) for row in result.history)
     assert all(row["skipped_batches"] == 1 for row in result.history)

@@ -31,11 +31,13 @@ from pathseg.train_head.runs import (
     save_head,
 )
 from pathseg.train_head.stitching import stitched_pixel_metrics
+from pathseg.train_head.tile_sources import decode_threads, plan_memory
 from torch.nn import functional as F
 
 from pathseg.config import PipelineConfig, config_to_dict
 from pathseg.errors import PathsegError
 from pathseg.files import atomic_write_text
+from pathseg.memory_budget import resolve_budget
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore, is_z0, software_versions
 
@@ -116,6 +118,8 @@ def fit_head(
     in_channels = [store.feature_array(t, b).shape[1] for t, b in pairs]
     head = build_head(config.head.kind, in_channels, len(store.class_names), config.head.model_dump()).to(device)
     pixels = torch.Generator().manual_seed(train.seed)  # which pixels a sampling head trains on, reproducibly
+    threads = decode_threads(train.loader_threads)
+    memory = plan_memory(store, pairs, train_tiles, val_tiles, resolve_budget(train.memory_budget), threads)
     loader = StoreLoader(
         store,
         pairs,
@@ -125,6 +129,10 @@ def fit_head(
         augment=train.augment,
         seed=train.seed,
         prefetch=train.prefetch,
+        window_tiles=train.shuffle_window,
+        threads=threads,
+        memory=memory.train,
+        device=device,
     )
     optimizer = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     total_steps = train.epochs * len(loader)
@@ -149,8 +157,8 @@ def fit_head(
                         scheduler.step()
                     advance(1)
                     continue
-                logits, targets = head.training_outputs([f.to(device, non_blocking=True) for f in batch.features],
-                                                        batch.labels.to(device), store.tile_size, pixels, ignore_index)
+                logits, targets = head.training_outputs(batch.features, batch.labels, store.tile_size, pixels,
+                                                        ignore_index)
                 loss = segmentation_loss(logits, targets, train.loss, ignore_index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -167,7 +175,7 @@ def fit_head(
                    "skipped_batches": skipped}
             if val_images:
                 metrics = stitched_pixel_metrics(head, store, pairs, val_images, device, train.batch_size,
-                                                 config.evaluate.blend)
+                                                 config.evaluate.blend, memory=memory.val, threads=threads)
                 row.update(
                     {
                         "val_pixel_accuracy": metrics["pixel_accuracy"],
@@ -206,6 +214,7 @@ def fit_head(
         "best_selection": "val_miou of stitched whole images, as evaluate scores them" if val_images
         else "train_loss (no validation images)",
         "blend": config.evaluate.blend,
+        "loader": memory.record(),  # how features were read: never changes a result
         "config": config_to_dict(config),
         "versions": software_versions(),
         "seconds": round(time.perf_counter() - started, 2),

@@ -83,13 +83,16 @@ def locate_store(config: PipelineConfig, explicit: Path | None = None) -> Featur
     return FeatureStore.open(path)
 
 
+LOADER_SPEED_SETTINGS = {"prefetch", "memory_budget", "loader_threads"}  # how fast, never what: not in a run key
+
+
 def run_key(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, str]]) -> str:
     return digest(
         {
             "store": store.fingerprint,
             "pairs": pairs,
             "head": keyed_settings(config.head),
-            "train": config.train.model_dump(mode="json"),
+            "train": {k: v for k, v in config.train.model_dump(mode="json").items() if k not in LOADER_SPEED_SETTINGS},
         }
     )
 

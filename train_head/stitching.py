@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from pathseg.train_head.loader import StoreLoader
+from pathseg.train_head.tile_sources import InMemoryFeatures
 from torch import nn
 
 from pathseg.metrics import ConfusionMatrix, background_index_of, pixel_metrics
@@ -20,7 +21,8 @@ from pathseg.tiling import Stitcher
 
 def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int, str]], images: list[int],
                     device: torch.device, batch_size: int, blend: str = "mean",
-                    prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+                    prefetch: int = 0, memory: InMemoryFeatures | None = None,
+                    threads: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """(image index, (classes, H, W) blended logits) for each of `images`, in storage order.
 
     One loader streams the tiles of all the images in storage order, so an image's stitcher is finished and
@@ -31,12 +33,13 @@ def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int,
                             for i in images]) if images else np.zeros(0, dtype=np.int64)
     origins = store.tile_origins()
     tile_image = store.tile_images()
-    loader = StoreLoader(store, pairs, tiles, batch_size, prefetch=prefetch, with_labels=False)
+    loader = StoreLoader(store, pairs, tiles, batch_size, prefetch=prefetch, with_labels=False, memory=memory,
+                         threads=threads, device=device)
     open_images: dict[int, Stitcher] = {}
     head.eval()
     with torch.inference_mode():
         for batch in loader:
-            logits = head([f.to(device) for f in batch.features], store.tile_size).float().cpu().numpy()
+            logits = head(batch.features, store.tile_size).float().cpu().numpy()
             for tile, tile_logits in zip(batch.tiles, logits, strict=True):
                 index = int(tile_image[tile])
                 if index not in open_images:
@@ -48,9 +51,11 @@ def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int,
 
 
 def stitched_pixel_metrics(head: nn.Module, store: FeatureStore, pairs: list[tuple[int, str]],
-                           images: list[int], device: torch.device, batch_size: int, blend: str) -> dict:
+                           images: list[int], device: torch.device, batch_size: int, blend: str,
+                           memory: InMemoryFeatures | None = None, threads: int = 0) -> dict:
     """Pixel metrics of whole stitched images, pooled over `images`, exactly as evaluate computes them."""
     matrix = ConfusionMatrix(len(store.class_names), store.ignore_index)
-    for index, logits in stitched_logits(head, store, pairs, images, device, batch_size, blend):
+    for index, logits in stitched_logits(head, store, pairs, images, device, batch_size, blend, memory=memory,
+                                         threads=threads):
         matrix.update(store.image_labels(index), logits.argmax(axis=0).astype(np.uint8))
     return pixel_metrics(matrix, store.class_names, background_index_of(store.class_names))

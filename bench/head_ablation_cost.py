@@ -138,24 +138,7 @@ def head_step(head: SegmentationHead, optimizer: torch.optim.Optimizer, features
     return float(loss.item())
 
 
-class PerTileReads:
-    """Diagnostic stand-in for a zarr array: every read done as one plain integer index per tile.
-
-    `StoreLoader` reads a batch as slices of consecutive tiles (`pathseg.store.read_rows`); this shows
-    what reading tile by tile would cost instead. It is not the project's loader.
-    """
-
-    def __init__(self, array) -> None:
-        self.array = array
-        self.shape = array.shape
-        self.dtype = array.dtype
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return np.stack([self.array[i] for i in range(*rows.indices(self.shape[0]))])
-
-
-def cached_epoch(store: FeatureStore, config: PipelineConfig, pairs: list[tuple[int, str]],
-                 per_tile_reads: bool = False) -> tuple[float, float]:
+def cached_epoch(store: FeatureStore, config: PipelineConfig, pairs: list[tuple[int, str]]) -> tuple[float, float]:
     """One training epoch over the store's train tiles; (total s, of which in the head step)."""
     tiles = store.tiles_of_splits(["train"])
     torch.manual_seed(0)
@@ -163,9 +146,6 @@ def cached_epoch(store: FeatureStore, config: PipelineConfig, pairs: list[tuple[
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     loader = StoreLoader(store, pairs, tiles, config.train.batch_size, shuffle=True, augment=config.train.augment,
                          seed=0, prefetch=config.train.prefetch)
-    if per_tile_reads:
-        loader.arrays = [PerTileReads(array) for array in loader.arrays]
-        loader.labels = PerTileReads(loader.labels)
     head.train()
     in_head = 0.0
     started = time.perf_counter()
@@ -260,11 +240,6 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     cached_head = min(cached_runs)[1]
     print(f"  cached epoch(s): {[round(s, 2) for s in cached]} s (head step {cached_head:.1f} s, the rest waits on "
           "the loader)", flush=True)
-    per_tile = None
-    if args.per_tile_reads:
-        per_tile = cached_epoch(big, config, pairs, per_tile_reads=True)
-        print(f"  cached epoch with one-tile-per-read (diagnostic): {per_tile[0]:.1f} s "
-              f"(head step {per_tile[1]:.1f} s)", flush=True)
     fit_s = None
     if name in [b.strip() for b in args.fit_head_backbones.split(",")]:
         fit_s, _ = common.timed(lambda: fit_head(config, store_path=big.path, run_dir=workdir / f"{name}-run",
@@ -297,8 +272,6 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         "cached_epoch_head_step_s": cached_head,
         "cached_epoch_loader_wait_s": min(cached) - cached_head,
         "ratio_if_reads_were_free": recompute_epoch_s / cached_head,
-        "cached_epoch_per_tile_reads_s": per_tile[0] if per_tile else None,
-        "ratio_with_per_tile_reads": recompute_epoch_s / per_tile[0] if per_tile else None,
         "fit_head_one_epoch_s": fit_s,
         "recompute_tiles_measured": n_recompute,
         "recompute_measured_s": recompute_s,
@@ -330,9 +303,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fit-head-backbones", default="tiny",
                         help="backbones whose cached store is also timed through a whole fit_head call "
                         "(comma-separated; empty: none)")
-    parser.add_argument("--per-tile-reads", action="store_true",
-                        help="also time a cached epoch whose loader reads one tile per zarr call (diagnostic of a "
-                        "proposed loader fix)")
     common.add_output_options(parser, "stores")
     return parser.parse_args()
 
@@ -362,9 +332,6 @@ def main() -> None:
         print(f"{r['backbone']}: cached {r['cached_s_per_tile'] * 1e3:.1f} ms/tile, recompute "
               f"{r['recompute_s_per_tile'] * 1e3:.0f} ms/tile, ratio {r['ratio']:.1f}x {target}; with reads for free "
               f"(head step only) {r['ratio_if_reads_were_free']:.1f}x")
-        if r["ratio_with_per_tile_reads"]:
-            print(f"  with one-tile-per-read loader (diagnostic): cached epoch "
-                  f"{r['cached_epoch_per_tile_reads_s']:.1f} s, ratio {r['ratio_with_per_tile_reads']:.1f}x")
     common.save_json(args.json, {"benchmark": "head_ablation_cost", "machine": machine, "results": results})
 
 

@@ -9,15 +9,25 @@ dataset 8x the other (train and test images N and 8N), then `pathseg fit-head` a
 reporting its own peak RSS (VmHWM) as it exits. It also measures a child that only imports torch
 and pathseg, the floor every command pays.
 
-    target: peak RSS at 8x <= 1.1x peak RSS at 1x, for fit-head and for evaluate (extraction reported)
+    target: peak RSS at 8x <= 1.1x peak RSS at 1x, for fit-head streaming (train.memory_budget=0) and for
+            evaluate (extraction reported)
+
+fit-head also runs with the default budget ("auto": the features go to RAM when they fit) and, on the
+large store, with a budget of half of what its features need, to show the other promise of issue 16:
+peak RSS <= the streaming peak + the budget (what was held in RAM is read from run.json).
 
     python bench/memory.py
     python bench/memory.py --images 4 --scale 8 --tile 256/192 --json out.json
+    python bench/memory.py --budget-store cache/glas-tiny-XXXX.zarr   # the budget rows on a store of GBs
+
+The synthetic stores hold a few MiB of features, below the noise of a peak RSS; `--budget-store` runs
+the budget rows (streaming, auto, half of the need; one epoch of a linear head) on a real store instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -92,6 +102,46 @@ def write_config(directory: Path, args: argparse.Namespace, images: int) -> Path
     return path
 
 
+def budget_runs(base: list[str], directory: Path, settings: list[str]) -> dict[str, dict[str, Any]]:
+    """fit-head under each `train.memory_budget` setting ("half" = half of what auto held); RSS and record."""
+    runs: dict[str, dict[str, Any]] = {}
+    for name in settings:
+        if name == "half":
+            need = runs["auto"]["train_bytes"] + runs["auto"]["val_bytes"]
+            setting = str(need // 2)
+        else:
+            setting = name
+        run_dir = directory / f"run-budget-{name}"
+        rss, seconds = peak_rss([*base, "--run-dir", str(run_dir), "--quiet", "--set",
+                                 f"train.memory_budget={setting}"], directory)
+        loader = json.loads((run_dir / "run.json").read_text())["loader"]
+        runs[name] = {**loader, "setting": setting, "peak_rss_mib": rss, "seconds": seconds}
+        print(f"fit-head, memory_budget={setting}: peak {rss:.0f} MiB ({seconds:.1f} s), "
+              f"{loader['bytes_in_memory'] / 2**20:.1f} MiB of features in RAM "
+              f"(budget {loader['memory_budget_bytes'] / 2**20:.0f} MiB)", flush=True)
+    for run in runs.values():
+        run["above_streaming_mib"] = run["peak_rss_mib"] - runs["0"]["peak_rss_mib"]
+    return runs
+
+
+def print_budget_table(table: list[tuple[str, dict[str, dict[str, Any]]]]) -> None:
+    rows = []
+    for label, runs in table:
+        for name, run in runs.items():
+            if name == "0":
+                continue
+            held = run["bytes_in_memory"] / 2**20
+            rows.append([label, run["setting"], f"{run['memory_budget_bytes'] / 2**20:.0f}", f"{held:.1f}",
+                         runs["0"]["peak_rss_mib"], run["peak_rss_mib"], run["above_streaming_mib"],
+                         "yes" if run["above_streaming_mib"] <= run["memory_budget_bytes"] / 2**20 + 64 else "NO"])
+    common.print_table(
+        "fit-head peak RSS (MiB) with features in RAM: target <= the streaming peak + the budget (+ 64 MiB)",
+        ["store", "memory_budget", "budget MiB", "features in RAM MiB", "streaming peak", "peak", "above streaming",
+         "within"],
+        rows,
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
@@ -103,6 +153,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--blocks", default="up1,up2.2,up3.2")
     parser.add_argument("--epochs", type=int, default=2, help="fit-head epochs")
     parser.add_argument("--batch-size", type=int, default=8, help="train.batch_size")
+    parser.add_argument("--budget-store", default=None,
+                        help="run the memory-budget rows on this existing store (one epoch, linear head)")
     common.add_output_options(parser, "stores and runs")
     return parser.parse_args()
 
@@ -124,20 +176,27 @@ def main() -> None:
                                                "--quiet"], directory)
             opened = FeatureStore.open(store)
             tiles, store_bytes = opened.n_tiles, common.bytes_under(store)
-            run_dir = directory / "run"
-            fit_rss, fit_s = peak_rss(
-                ["fit-head", "--config", str(config_path), "--store", str(store), "--run-dir", str(run_dir),
-                 "--quiet"], directory)
+            budgets = budget_runs(["fit-head", "--config", str(config_path), "--store", str(store)], directory,
+                                  ["0", "auto"] if label == "1x" else ["0", "auto", "half"])
+            run_dir = directory / "run-budget-0"  # streaming: the flat-memory promise of the loader
+            fit_rss, fit_s = budgets["0"]["peak_rss_mib"], budgets["0"]["seconds"]
             eval_rss, eval_s = peak_rss(["evaluate", str(run_dir), "--config", str(config_path), "--quiet"],
                                            directory)
             results[label] = {"train_images": images, "test_images": images, "tiles": tiles,
                               "store_bytes": store_bytes, "extraction_s": extract_s,
                               "extract_peak_rss_mib": extract_rss,
-                              "fit_head_peak_rss_mib": fit_rss, "fit_head_s": fit_s,
+                              "fit_head_peak_rss_mib": fit_rss, "fit_head_s": fit_s, "fit_head_budgets": budgets,
                               "evaluate_peak_rss_mib": eval_rss, "evaluate_s": eval_s}
             print(f"[{label}] {tiles} tiles, store {store_bytes / 2**20:.0f} MiB: extract {extract_rss:.0f} MiB "
                   f"({extract_s:.1f} s), fit-head {fit_rss:.0f} MiB "
                   f"({fit_s:.1f} s), evaluate {eval_rss:.0f} MiB ({eval_s:.1f} s)", flush=True)
+
+        budget_store = None
+        if args.budget_store:
+            print(f"memory budgets on {args.budget_store} ...", flush=True)
+            runs = budget_runs(["fit-head", "--store", str(Path(args.budget_store).resolve()), "--epochs", "1",
+                                "--head-kind", "linear"], workdir, ["0", "auto", "half"])
+            budget_store = {"store": str(args.budget_store), "runs": runs}
 
     small, large = results["1x"], results[f"{args.scale}x"]
     rows = []
@@ -155,8 +214,12 @@ def main() -> None:
          "ratio above floor", "target <= 1.1"],
         rows,
     )
+    budget_table = [(label, result["fit_head_budgets"]) for label, result in results.items()]
+    if budget_store is not None:
+        budget_table.append((budget_store["store"], budget_store["runs"]))
+    print_budget_table(budget_table)
     common.save_json(args.json, {"benchmark": "memory", "machine": machine, "import_floor_mib": floor,
-                                 "scale": args.scale, "results": results,
+                                 "scale": args.scale, "results": results, "budget_store": budget_store,
                                  "ratios": {r[0]: r[3] for r in rows}})
 
 

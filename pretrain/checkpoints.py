@@ -1,8 +1,8 @@
 """Checkpoints that survive kill -9 and load without unpickling code.
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts (weights, optimiser and EMA states,
-RNG states as byte tensors, loss histories as lists of floats), so it loads with
-`torch.load(weights_only=True)`: a checkpoint file from elsewhere cannot run code. It is written to a
+RNG states as byte tensors, loss histories as lists of floats), so it loads as data
+through `pathseg.checkpoint_loading`: a checkpoint file from elsewhere cannot run code. It is written to a
 temporary file beside the old one, flushed to disk, then renamed over it, so the file on disk is
 always one whole checkpoint, the last good one.
 """
@@ -10,15 +10,14 @@ always one whole checkpoint, the last good one.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pathseg.checkpoint_loading import load_checkpoint as read_checkpoint
 from pathseg.errors import PathsegError
 
 CHECKPOINT = "checkpoint.pt"
@@ -97,17 +96,32 @@ def save_checkpoint(path: Path, content: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Tensors and plain data only (`weights_only=True`); anything else is refused, never unpickled."""
+    """Tensors and plain data only, through pathseg's checkpoint reader (tensors-only `torch.load` where that
+    is safe, the restricted unpickler on older torch); anything else is refused, never unpickled."""
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        content = read_checkpoint(path, "a checkpoint written by pathseg pretrain")
+    except PathsegError as error:
         raise PathsegError(
             f"{path}: not a readable pretraining checkpoint ({str(error).splitlines()[0][:160]}); delete it to "
             "start afresh, or rerun with --overwrite"
         ) from None
+    if _foreign(content):
+        raise PathsegError(
+            f"{path}: not a readable pretraining checkpoint (it holds objects other than tensors and plain data, "
+            "which are never unpickled); delete it to start afresh, or rerun with --overwrite"
+        )
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise PathsegError(f"{path}: checkpoint format is not {FORMAT}; delete it or rerun with --overwrite")
     return content
+
+
+def _foreign(value: Any) -> bool:
+    """True if anything in the checkpoint is not a tensor or plain data (the restricted reader's placeholders)."""
+    if isinstance(value, dict):
+        return any(_foreign(k) or _foreign(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_foreign(v) for v in value)
+    return not isinstance(value, torch.Tensor | str | int | float | bool | bytes | type(None))
 
 
 def remove_stale_temporaries(directory: Path) -> None:

@@ -65,8 +65,9 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim
 
 
 def first_stage_loss(model: FirstStage, images: torch.Tensor, settings: PretrainConfig,
-                     generator: torch.Generator) -> torch.Tensor:
-    """The training loss on a batch in [-1, 1]; the autoencoder's own regulariser included."""
+                     generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss on a batch in [-1, 1], the autoencoder's own regulariser included, and its two
+    terms apart (logged: a total that rises can be the codebook, not the reconstruction)."""
     if isinstance(model, VQModel):
         reconstruction, codebook_loss = model(images, return_dict=False)
         regulariser = codebook_loss.float().mean()
@@ -77,7 +78,9 @@ def first_stage_loss(model: FirstStage, images: torch.Tensor, settings: Pretrain
         ).to(posterior.mean.device, posterior.mean.dtype)
         reconstruction = model.decode(latents).sample
         regulariser = settings.kl_weight * posterior.kl().float().mean()
-    return reconstruction_loss(reconstruction.float(), images.float(), settings.ssim_weight) + regulariser
+    reconstructing = reconstruction_loss(reconstruction.float(), images.float(), settings.ssim_weight)
+    parts = {"reconstruction": float(reconstructing.detach()), "regulariser": float(regulariser.detach())}
+    return reconstructing + regulariser, parts
 
 
 @torch.no_grad()

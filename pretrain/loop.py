@@ -39,7 +39,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 class Phase:
     name: str  # first_stage | unet
     stop: int  # the global step count this phase ends at
-    loss: Callable[[int, np.ndarray], torch.Tensor]  # (global step, uint8 tiles) -> scalar loss
+    # (global step, uint8 tiles) -> scalar loss, or (loss, {term: value}) to log its terms as well
+    loss: Callable[[int, np.ndarray], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]
     parameters: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     after_step: Callable[[], None] | None = None  # the EMA update
@@ -73,6 +74,7 @@ def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_ev
             if step + 1 < phase.stop:
                 upcoming = reader.submit(stream.batch, step + 1)
             loss = phase.loss(step, tiles)
+            loss, parts = loss if isinstance(loss, tuple) else (loss, {})
             value = float(loss.detach())
             if not math.isfinite(value):
                 _stop(phase, step + 1, "loss", value, checkpoint, last_saved)
@@ -86,6 +88,8 @@ def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_ev
                 phase.after_step()
             state.step = step + 1
             state.history[phase.name].append(value)
+            for term, term_value in parts.items():  # "first_stage/reconstruction": only the steps that logged it
+                state.history.setdefault(f"{phase.name}/{term}", []).append(term_value)
             advance(1)
             if state.step % checkpoint_every == 0 or state.step == phase.stop:
                 state.seconds[phase.name] += time.perf_counter() - started

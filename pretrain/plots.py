@@ -46,6 +46,12 @@ def loss_plot(history: dict[str, list[float]], path: Path) -> None:
         if values:
             axis.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
             axis.plot(steps, moving_average(values, max(1, len(values) // 20)), color="tab:blue", label="smoothed")
+            for term, colour in (("reconstruction", "tab:green"), ("regulariser", "tab:red")):
+                logged = history.get(f"{name}/{term}", [])
+                if logged and min(logged) > 0:  # smoothed, ending at the phase's last step (older runs logged none)
+                    at = np.arange(offset - len(logged) + 1, offset + 1)
+                    axis.plot(at, moving_average(logged, max(1, len(logged) // 20)), color=colour,
+                              linewidth=1.0, label=f"{term} (smoothed)")
             if min(values) > 0:
                 axis.set_yscale("log")
             axis.legend(loc="upper right")

@@ -73,7 +73,7 @@ class Trainer:
                          self.settings.colour_jitter)
         return images, generator
 
-    def _first_stage_loss(self, step: int, tiles: np.ndarray) -> torch.Tensor:
+    def _first_stage_loss(self, step: int, tiles: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         """On a random crop of each augmented tile (`pretrain.first_stage_crop`), drawn from the step's generator."""
         images, generator = self._augmented(step, tiles)
         images = random_crops(images, self.first_stage_crop, generator)

@@ -87,9 +87,12 @@ def test_both_phases_lower_their_loss_and_the_directory_is_complete(pretrained):
     _, out, summary = pretrained
     losses = history(out)
     assert len(losses["first_stage"]) == 12 and len(losses["unet"]) == 12
-    for phase, values in losses.items():
+    for phase in ("first_stage", "unet"):
+        values = losses[phase]
         assert np.isfinite(values).all()
         assert np.mean(values[-4:]) < 0.9 * np.mean(values[:4]), (phase, values)
+    parts = np.array(losses["first_stage/reconstruction"]) + np.array(losses["first_stage/regulariser"])
+    np.testing.assert_allclose(parts, losses["first_stage"], rtol=1e-5)  # the terms, logged apart, add up
     names = {p.name for p in out.iterdir()}
     assert {"unet", "first_stage", "scheduler", "ssl_projector", PRETRAIN_RECORD, "loss.png", "reconstructions.png",
             "samples.png"} <= names

@@ -23,13 +23,9 @@ like one. Blocks keep their native resolution: upsampling is the head's job.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import platform
 import shutil
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,79 +34,51 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pathseg.errors import PathsegError
+from pathseg.feature_names import (  # re-exported: the store is where stages look these names up
+    Z0_BLOCK,
+    Z0_PAIR,
+    Z0_TIMESTEP,
+    feature_key,
+    is_z0,
+    nonfinite_message,
+    pair_label,
+)
 from pathseg.store_files import (
     _fsync_dir,
     _fsync_file,
     _fsync_tree,
     error_reason,
     read_array,
+    read_rows,
     shard_file,
     shard_lost,
     tile_span,
 )
+from pathseg.store_identity import (  # re-exported, as above
+    BACKBONE_PERMISSIONS,
+    PRETRAIN_RECORD,
+    SCHEMA_VERSION,
+    canonical_json,
+    digest,
+    list_stores,
+    recorded_weights_digest,
+    software_versions,
+    store_key,
+    store_path_for,
+)
 from pathseg.store_schema import check_store_attrs
 from pathseg.tiling import TileGrid
 
-SCHEMA_VERSION = 1
-
+__all__ = [
+    "BACKBONE_PERMISSIONS", "PRETRAIN_RECORD", "SCHEMA_VERSION", "Z0_BLOCK", "Z0_PAIR", "Z0_TIMESTEP", "FeatureInfo",
+    "FeatureStore", "ImageEntry", "canonical_json", "digest", "feature_key", "is_z0", "list_stores",
+    "nonfinite_message", "pair_label", "read_rows", "recorded_weights_digest", "software_versions", "store_key",
+    "store_path_for", "zstd",
+]
 
 def zstd(level: int) -> ZstdCodec:
     """zstd with its content checksum: without it most flipped bits decode silently into other values."""
     return ZstdCodec(level=level, checksum=True)
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def digest(value: Any) -> str:
-    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
-
-
-def software_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("pathseg", "torch", "diffusers", "zarr", "numcodecs", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
-
-
-# The first-stage latent z_0, selectable like a decoder block: the no-diffusion baseline of every ablation.
-# It has no noise step, so it travels with a timestep that no noise step can have.
-Z0_BLOCK = "z0"
-Z0_TIMESTEP = -1
-Z0_PAIR = (Z0_TIMESTEP, Z0_BLOCK)
-
-
-def is_z0(block: str) -> bool:
-    return block == Z0_BLOCK
-
-
-def feature_key(timestep: int, block: str) -> str:
-    return "latents/z0" if is_z0(block) else f"t{timestep:04d}/{block}"
-
-
-def pair_label(timestep: int, block: str) -> str:
-    """How a feature map is named to people: `t50 up1`, or `z0` for the latent, which has no timestep."""
-    return Z0_BLOCK if is_z0(block) else f"t{timestep} {block}"
-
-
-def nonfinite_message(timestep: int, block: str, tile: int, computed: np.ndarray, dtype: str) -> str:
-    """Why a shard is refused: NaN or inf from the model, or values the storage dtype turns into inf.
-
-    `computed` is the data as the model computed it (or each tile's largest |value| of it).
-    """
-    if not np.isfinite(computed).all():
-        cause = "the backbone computed NaN or inf"
-        hint = "try extract.autocast=off (exact float32) into a new --store"
-    else:
-        limit = float(np.finfo(dtype).max)
-        cause = f"|values| up to {float(np.abs(computed).max()):.4g} exceed {dtype}'s {limit:.0f}"
-        hint = "set extract.feature_dtype=float32 and rerun; an array with finished shards keeps its dtype"
-    return (f"features t={timestep} {block} (tile {tile}): {cause}; nothing of that shard was written or flagged "
-            f"({hint})")
 
 
 @dataclass(frozen=True)
@@ -614,87 +582,3 @@ class FeatureStore:
         from pathseg.store_integrity import store_info
 
         return store_info(self)
-
-
-def read_rows(array: zarr.Array, rows: np.ndarray | slice) -> np.ndarray:
-    """Rows (tiles) of an array, in the order asked, read as runs of consecutive rows.
-
-    zarr 3's orthogonal selection over a sharded array costs several times more per tile than plain
-    slices (measured in bench/head_ablation_cost.py), and a shuffled batch sorted by tile is mostly
-    short runs, so slices it is.
-    """
-    if isinstance(rows, slice):
-        return read_array(array, rows)
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
-    if len(rows) == 0:
-        return out
-    order = np.argsort(rows, kind="stable")
-    ordered = rows[order]
-    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
-    start = 0
-    for stop in [*breaks.tolist(), len(ordered)]:
-        first, last = int(ordered[start]), int(ordered[stop - 1])
-        out[order[start:stop]] = read_array(array, slice(first, last + 1), tile_span(first, last))
-        start = stop
-    return out
-
-
-def list_stores(cache_dir: Path) -> list[Path]:
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        return []
-    return sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "zarr.json").exists())
-
-
-BACKBONE_PERMISSIONS = {"trust_checkpoint"}  # how a file may be read, not which weights: never part of a key
-
-
-def store_key(config: Any) -> str:
-    """A hash of the settings that decide a store's content, readable by stage 2 without data or weights.
-
-    Timesteps and blocks are not in it: they are arrays inside one store, so adding one extends the
-    store instead of starting another.
-    """
-    dataset = config.dataset.model_dump(mode="json")
-    options = dataset.get(dataset["name"]) if isinstance(dataset.get(dataset["name"]), dict) else None
-    if dataset["name"] == "folder" and options is not None:
-        options = {k: v for k, v in options.items() if k != "mpp"}  # metadata for predict, not content
-    root = str(Path(dataset["root"]).resolve()) if dataset["root"] else None
-    key = {
-        "schema": SCHEMA_VERSION,
-        "dataset": {"name": dataset["name"], "root": root, "splits": dataset["splits"], "options": options},
-        "backbone": config.backbone.model_dump(mode="json", exclude=BACKBONE_PERMISSIONS),
-        "conditioning": config.conditioning.model_dump(mode="json"),
-        "tiling": config.tiling.model_dump(mode="json"),
-        "noise_seed": config.extract.noise_seed,
-    }
-    weights = recorded_weights_digest(config.backbone.name)
-    if weights is not None:  # only pretrained directories: every other store keeps the key it had
-        key["backbone_weights"] = weights
-    return digest(key)
-
-
-PRETRAIN_RECORD = "pretrain.json"  # written last by `pathseg pretrain`: its presence marks a finished backbone
-
-
-def recorded_weights_digest(backbone: str) -> str | None:
-    """The weights digest a pretrained backbone directory records, read without hashing its weights.
-
-    A directory path alone does not identify weights: a second pretraining written to the same path
-    must get a new store, not be refused as a fingerprint mismatch of the old one.
-    """
-    record = Path(backbone) / PRETRAIN_RECORD
-    if not record.is_file():
-        return None
-    try:
-        value = json.loads(record.read_text()).get("weights_digest")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def store_path_for(config: Any) -> Path:
-    """`cache/<dataset>-<backbone>-<key>.zarr`: the name says what it holds, the key what exactly."""
-    backbone = Path(config.backbone.name).name.removesuffix(".ckpt") or "backbone"
-    return Path(config.cache_dir) / f"{config.dataset.name}-{backbone}-{store_key(config)[:12]}.zarr"

@@ -367,7 +367,7 @@ def unet_config_for(name: str, config_path: Path | None = None) -> dict:
             raise PathsegError(f"backbone directory {path} has no unet/config.json")
         return read_json_object(config_file, "re-make the backbone directory")
     if path.suffix == ".ckpt" and config_path is not None:
-        from pathseg.extract.ldm_checkpoint import backbone_configs_from_yaml, read_ldm_yaml
+        from pathseg.extract.ldm_yaml import backbone_configs_from_yaml, read_ldm_yaml
 
         return backbone_configs_from_yaml(read_ldm_yaml(config_path))["unet"]
     _unknown_backbone(name)

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
 from pathseg.extract.backbone import Backbone, FirstStage, build_random, latent_channels_of
 from pathseg.extract.blocks import BLOCK, LAYER, block_table, canonical_block
-from pathseg.extract.ldm_checkpoint import backbone_configs_from_yaml, read_ldm_yaml
+from pathseg.extract.ldm_yaml import backbone_configs_from_yaml, read_ldm_yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from pathseg.errors import PathsegError

@@ -22,14 +22,8 @@ from diffusers import DDPMScheduler
 from pathseg.extract.backbone import PAPER, Backbone, ldm_scheduler, load_backbone, load_backbone_dir
 from pathseg.extract.backbone_info import build_from_ldm_yaml, describe_blocks, describe_ldm_yaml, format_block_table
 from pathseg.extract.blocks import FeatureCapture, canonical_block
-from pathseg.extract.ldm_checkpoint import (
-    backbone_configs_from_yaml,
-    convert_ldm,
-    convert_ldm_state_dict,
-    ldm_schedule_buffers,
-    load_ldm_checkpoint,
-    read_ldm_yaml,
-)
+from pathseg.extract.ldm_checkpoint import convert_ldm, convert_ldm_state_dict, load_ldm_checkpoint
+from pathseg.extract.ldm_yaml import backbone_configs_from_yaml, ldm_schedule_buffers, read_ldm_yaml
 from torch import nn
 from torch.nn import functional as F
 

@@ -161,23 +161,28 @@ class Interrupted(Exception):
     """A run stopped right after a checkpoint, as a kill there would stop it."""
 
 
-def test_a_run_stopped_in_phase_one_resumes_with_the_same_crops_and_refuses_another_crop(pretrained, tmp_path,
-                                                                                      monkeypatch):
+def run_until_checkpoint(monkeypatch, config, out: Path, step: int) -> None:
+    """Run `config` into `out`, stopping right after the checkpoint at `step` is written."""
     import pathseg.pretrain.trainer as trainer
 
-    _, reference, _ = pretrained
     saving = trainer.save_checkpoint
 
     def save_then_stop(path, content):
         saving(path, content)
-        if content["state"]["step"] == 4:
+        if content["state"]["step"] == step:
             raise Interrupted
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
-    out = tmp_path / "backbone"
     with pytest.raises(Interrupted):
-        run_pretraining(pretrain_config(tmp_path), out, show_progress=False)
+        run_pretraining(config, out, show_progress=False)
     monkeypatch.setattr(trainer, "save_checkpoint", saving)
+
+
+def test_a_run_stopped_in_phase_one_resumes_with_the_same_crops_and_refuses_another_crop(pretrained, tmp_path,
+                                                                                      monkeypatch):
+    _, reference, _ = pretrained
+    out = tmp_path / "backbone"
+    run_until_checkpoint(monkeypatch, pretrain_config(tmp_path), out, 4)
 
     with pytest.raises(PathsegError, match="other first_stage_crop;"):
         run_pretraining(pretrain_config(tmp_path, **{"pretrain.first_stage_crop": 16}), out, show_progress=False)
@@ -212,23 +217,12 @@ def test_a_finished_run_extends_to_more_steps_as_if_run_that_long_and_cannot_sho
 
 def test_a_checkpoint_from_before_first_stage_steps_still_resumes(pretrained, tmp_path, monkeypatch):
     """Checkpoints once held `steps` and `first_stage_fraction` in their identity; the same split resumes."""
-    import pathseg.pretrain.trainer as trainer
     from pathseg.pretrain.checkpoints import save_checkpoint
 
     from pathseg.store import digest
 
-    saving = trainer.save_checkpoint
-
-    def save_then_stop(path, content):
-        saving(path, content)
-        if content["state"]["step"] == 16:
-            raise Interrupted
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
     out = tmp_path / "backbone"
-    with pytest.raises(Interrupted):
-        run_pretraining(pretrain_config(tmp_path), out, show_progress=False)
-    monkeypatch.setattr(trainer, "save_checkpoint", saving)
+    run_until_checkpoint(monkeypatch, pretrain_config(tmp_path), out, 16)
     checkpoint = work_dir_for(out) / CHECKPOINT
     saved = load_checkpoint(checkpoint)
     legacy = {k: v for k, v in saved["identity"].items() if k != "first_stage_steps"}

@@ -188,18 +188,18 @@ def plan_memory(store: FeatureStore, pairs: list[tuple[int, str]], train_tiles: 
     train_bytes = footprint(store, pairs, len(train_tiles), with_labels=True)
     val_bytes = footprint(store, pairs, len(val_tiles), with_labels=False)
     plan = MemoryPlan(budget, None, None, train_bytes, val_bytes)
+
+    def load(tiles: np.ndarray, with_labels: bool) -> InMemoryFeatures:
+        source = ShardSource(store, pairs, with_labels, threads)
+        try:
+            return InMemoryFeatures.load(source, tiles)
+        finally:
+            source.close()
+
     left = budget
     if len(train_tiles) and train_bytes <= left:
-        source = ShardSource(store, pairs, True, threads)
-        try:
-            plan.train = InMemoryFeatures.load(source, train_tiles)
-        finally:
-            source.close()
+        plan.train = load(train_tiles, True)
         left -= train_bytes
     if len(val_tiles) and val_bytes <= left:
-        source = ShardSource(store, pairs, False, threads)
-        try:
-            plan.val = InMemoryFeatures.load(source, val_tiles)
-        finally:
-            source.close()
+        plan.val = load(val_tiles, False)
     return plan

@@ -226,3 +226,23 @@ def test_evaluate_scores_a_run_on_another_store_extracted_the_same_way(extracted
     retiled_store = run_extraction(retiled, show_progress=False).store
     with pytest.raises(PathsegError, match=r"not extracted like run .*\(differs in tiling\)"):
         evaluate_run(config, result.run_dir, store_path=retiled_store, show_progress=False)
+
+
+def test_a_consumer_that_raises_mid_stitching_leaves_grad_enabled(extracted_small):
+    """The stitching generator once held inference mode across its yields; an error in the consumer (a damaged
+    label array while scoring) then left grad disabled, and every later fit-head in the process failed."""
+    import gc
+
+    from pathseg.train_head.stitching import stitched_logits
+
+    _, path = extracted_small
+    store = FeatureStore.open(path)
+    head = SegmentationHead([96], num_classes=len(store.class_names), width=8, depth=1, projection_width=4)
+    images = [i for i, entry in enumerate(store.images) if entry.split == "val"]
+    gc.disable()  # keep the abandoned generator alive, as a traceback holding its frame does
+    try:
+        kept = stitched_logits(head, store, [(50, "up1")], images, torch.device("cpu"), 4)
+        next(kept)
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    finally:
+        gc.enable()

@@ -37,17 +37,19 @@ def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int,
                          threads=threads, device=device)
     open_images: dict[int, Stitcher] = {}
     head.eval()
-    with torch.inference_mode():
-        for batch in loader:
+    for batch in loader:
+        # Inference mode around the forward only, never across a yield: a consumer that raises would leave the
+        # suspended generator holding it, and grad disabled in this thread until the generator is collected.
+        with torch.inference_mode():
             logits = head(batch.features, store.tile_size).float().cpu().numpy()
-            for tile, tile_logits in zip(batch.tiles, logits, strict=True):
-                index = int(tile_image[tile])
-                if index not in open_images:
-                    open_images[index] = Stitcher(store.image_grid(index), head.num_classes, blend)
-                stitcher = open_images[index]
-                stitcher.add(tuple(origins[tile]), tile_logits)
-                if stitcher.complete:
-                    yield index, open_images.pop(index).result()
+        for tile, tile_logits in zip(batch.tiles, logits, strict=True):
+            index = int(tile_image[tile])
+            if index not in open_images:
+                open_images[index] = Stitcher(store.image_grid(index), head.num_classes, blend)
+            stitcher = open_images[index]
+            stitcher.add(tuple(origins[tile]), tile_logits)
+            if stitcher.complete:
+                yield index, open_images.pop(index).result()
 
 
 def stitched_pixel_metrics(head: nn.Module, store: FeatureStore, pairs: list[tuple[int, str]],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ CONNECT_TIMEOUT = "20s"
 SHARDS_PER_TASK_MAX = 8  # a few shards per task keep the reader and writer threads overlapped inside it
 
 _worker_state: dict[str, Any] = {}  # per worker process: the last backbone built and the last dataset listed
+_worker_lock = threading.RLock()  # a worker with several threads runs tasks at once; they share that state
 
 
 def _distributed():
@@ -190,27 +192,34 @@ def extract_task(config: PipelineConfig, store_path: str, work: dict[int, dict[i
         torch.set_num_threads(threads)
     store = FeatureStore.open(store_path, mode="a")
     extractor = _extractor(config, worker_device(config.extract.device))
-    extractor.config = config
-    extract_shards(extractor, store, _source(config, store), work, advance=lambda _n: None)
+    extract_shards(extractor, store, _source(config, store), work, advance=lambda _n: None, config=config)
     return store.tiles_in(work)
 
 
 def _extractor(config: PipelineConfig, device: torch.device):
-    """The backbone is built once per worker and kept for the next task of the same settings."""
+    """The backbone is built once per worker and kept for the next task of the same settings.
+
+    A worker may run several tasks at once (`dask worker --nthreads N`): the lock makes sure they build it once,
+    and the extractor's own lock serialises their forwards. The key covers every setting the extractor itself
+    reads, so a task never runs on one made for other settings (the rest of the task's config travels with it).
+    """
     from pathseg.extract.backbone import load_backbone
     from pathseg.extract.runner import _Extractor, prepare_for_device
 
     key = digest({"backbone": config.backbone.model_dump(mode="json"),
                   "conditioning": config.conditioning.model_dump(mode="json"),
-                  "device": str(device), "compile": config.extract.compile})
-    if _worker_state.get("extractor_key") != key:
-        _worker_state.pop("extractor", None)
-        b = config.backbone
-        backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
-        _worker_state["extractor"] = _Extractor(prepare_for_device(backbone, device, config.extract.compile),
-                                                config, device)
-        _worker_state["extractor_key"] = key
-    return _worker_state["extractor"]
+                  "device": str(device), "compile": config.extract.compile,
+                  "autocast": config.extract.autocast, "feature_dtype": config.extract.feature_dtype})
+    with _worker_lock:
+        if _worker_state.get("extractor_key") != key:
+            _worker_state.pop("extractor", None)
+            b = config.backbone
+            backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
+            _worker_state["extractor"] = _Extractor(prepare_for_device(backbone, device, config.extract.compile),
+                                                    config, device,
+                                                    allowed_code=config.conditioning.code_specs())  # the user's own
+            _worker_state["extractor_key"] = key
+        return _worker_state["extractor"]
 
 
 def _source(config: PipelineConfig, store: FeatureStore) -> TileSource:
@@ -218,20 +227,23 @@ def _source(config: PipelineConfig, store: FeatureStore) -> TileSource:
     cut over several tasks is decoded and resampled once per worker, not once per task."""
     key = digest({"records": config.dataset.model_dump(mode="json"), "store": str(store.path),
                   "fingerprint": store.fingerprint, "tiling": config.tiling.model_dump(mode="json")})
-    if _worker_state.get("source_key") != key:
-        t = config.tiling
-        _worker_state["source"] = TileSource(_records(config, store), store.images, t.tile_size, t.stride, t.pad_mode)
-        _worker_state["source_key"] = key
-    return _worker_state["source"]
+    with _worker_lock:
+        if _worker_state.get("source_key") != key:
+            t = config.tiling
+            _worker_state["source"] = TileSource(_records(config, store), store.images, t.tile_size, t.stride,
+                                                 t.pad_mode)
+            _worker_state["source_key"] = key
+        return _worker_state["source"]
 
 
 def _records(config: PipelineConfig, store: FeatureStore) -> list:
     """The dataset as this worker sees it, checked against the store's image table (same files, same order)."""
     key = digest(config.dataset.model_dump(mode="json"))
-    if _worker_state.get("records_key") != key:
-        _worker_state["records"] = build_dataset(config.dataset).records()
-        _worker_state["records_key"] = key
-    records = _worker_state["records"]
+    with _worker_lock:
+        if _worker_state.get("records_key") != key:
+            _worker_state["records"] = build_dataset(config.dataset).records()
+            _worker_state["records_key"] = key
+        records = _worker_state["records"]
     expected = [entry.id for entry in store.images]
     if [record.id for record in records] != expected:
         raise PathsegError(

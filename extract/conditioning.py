@@ -8,7 +8,7 @@ wants its input resized and normalised).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,28 +92,38 @@ class Conditioning:
         }
 
 
-def _load_encoder(name: str, weights: Path | None, trust_checkpoint: bool) -> SSLEncoder:
-    """A registered encoder, its weights read as data unless trusted; code is imported only for a `python:` name,
-    which the user wrote in their own config."""
+def _load_encoder(name: str, weights: Path | None, trust_checkpoint: bool, allowed_code: Collection[str]) -> SSLEncoder:
+    """A registered encoder, its weights read as data unless trusted; code is imported only for a `python:` name
+    in `allowed_code`, the names the user wrote in their own config or command line (never one read back from a
+    run record, store or backbone directory, which may come from someone else)."""
     if weights is not None and not Path(weights).is_file():
         raise PathsegError(f"SSL encoder weights {weights} do not exist; check conditioning.encoder_weights")
     from pathseg.extract import hipt  # noqa: F401 - registers hipt_vit_s16 (it imports this module, so not at the top)
     from pathseg.extract.ssl_plugins import is_plugin_spec, load_plugin_encoder
 
     if is_plugin_spec(name):
+        if name.strip() not in allowed_code:
+            raise PathsegError(
+                f"SSL encoder {name!r} names code to import, and it did not come from your own config or command "
+                "line; name it as conditioning.encoder in your config if you trust it"
+            )
         return load_plugin_encoder(name, weights)
     return SSL_ENCODERS.get(name)(weights, trust_checkpoint=trust_checkpoint)
 
 
-def build_conditioning(config: ConditioningConfig, projector: SSLProjector, *,
-                       trust_checkpoint: bool = False) -> Conditioning:
-    """`trust_checkpoint` (backbone.trust_checkpoint) lets registered encoders unpickle their weights in full."""
+def build_conditioning(config: ConditioningConfig, projector: SSLProjector, *, trust_checkpoint: bool = False,
+                       allowed_code: Collection[str] = ()) -> Conditioning:
+    """`trust_checkpoint` (backbone.trust_checkpoint) lets registered encoders unpickle their weights in full.
+
+    `allowed_code` is the set of `python:` encoders the caller vouches the user named themselves
+    (`ConditioningConfig.code_specs` of the user's own config); by default nothing is imported.
+    """
     if config.mode == "null":
         return Conditioning(projector)
     if config.encoder is None:
         raise PathsegError("conditioning.mode is 'ssl' but conditioning.encoder is not set; name an SSL encoder")
-    patch = _load_encoder(config.encoder, config.encoder_weights, trust_checkpoint)
+    patch = _load_encoder(config.encoder, config.encoder_weights, trust_checkpoint, allowed_code)
     region = None
     if config.region_encoder is not None:
-        region = _load_encoder(config.region_encoder, config.region_encoder_weights, trust_checkpoint)
+        region = _load_encoder(config.region_encoder, config.region_encoder_weights, trust_checkpoint, allowed_code)
     return Conditioning(projector, patch, region)

@@ -8,7 +8,8 @@ missing and a new timestep or block extends the store instead of rebuilding it.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -153,14 +154,24 @@ def prepare_for_device(backbone: Backbone, device: torch.device, compile_unet: b
 
 
 class _Extractor:
-    def __init__(self, backbone: Backbone, config: PipelineConfig, device: torch.device) -> None:
+    """The backbone, conditioning and block hooks of one device, shared by every batch that runs on it.
+
+    `allowed_code`: the `python:` encoders the caller vouches the user named themselves (see
+    `build_conditioning`). One lock covers a whole `features` call: the hooks keep what they capture on
+    the shared capture, so two threads of one dask worker running at once would read each other's features.
+    """
+
+    def __init__(self, backbone: Backbone, config: PipelineConfig, device: torch.device, *,
+                 allowed_code: Collection[str] = ()) -> None:
         self.backbone = backbone
         self.conditioning = build_conditioning(config.conditioning, backbone.projector,
-                                               trust_checkpoint=config.backbone.trust_checkpoint).to(device)
+                                               trust_checkpoint=config.backbone.trust_checkpoint,
+                                               allowed_code=allowed_code).to(device)
         self.config = config
         self.device = device
         self.scheduler_alphas = backbone.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self._capture: FeatureCapture | None = None
+        self._lock = threading.Lock()
 
     def capture(self, blocks: list[str]) -> FeatureCapture:
         """One capture for every block asked so far: its hooks stay put, so a compiled UNet compiles once
@@ -178,9 +189,15 @@ class _Extractor:
         """Only the SSL encoder needs pixels once z_0 is cached; the null context does not."""
         return self.config.conditioning.mode != "null"
 
-    @torch.inference_mode()
     def features(
         self, tiles: np.ndarray | None, noise: torch.Tensor, wanted: dict[int, list[str]], z0: np.ndarray | None = None
+    ) -> tuple[dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
+        with self._lock:
+            return self._features(tiles, noise, wanted, z0)
+
+    @torch.inference_mode()
+    def _features(
+        self, tiles: np.ndarray | None, noise: torch.Tensor, wanted: dict[int, list[str]], z0: np.ndarray | None
     ) -> tuple[dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
         """For every timestep -> blocks asked: (features in the storage dtype, each tile's largest |value| as
         computed), and z_0 if it was computed.
@@ -238,14 +255,14 @@ def uses_cluster(settings: ExtractConfig) -> bool:
 
 def extract_shards(
     extractor: _Extractor, store: FeatureStore, source: TileSource, work: dict[int, dict[int, list[str]]],
-    advance: Callable[[int], object],
+    advance: Callable[[int], object], config: PipelineConfig | None = None,
 ) -> None:
     """Compute and write every shard in `work` (shard -> timestep -> blocks), each whole, then flagged.
 
     The reader thread decodes and cuts batch k+1 while the model runs batch k; the writer thread
     compresses and writes shard s while the model runs shard s+1.
     """
-    config = extractor.config
+    config = config or extractor.config  # a worker's extractor serves tasks of several configs: the task's own
     batch = config.extract.batch_size
     latent_shape = extractor.backbone.latent_shape(config.tiling.tile_size)
     latents_done = store.latent_shards_done()
@@ -379,7 +396,8 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
         else:
             b = config.backbone
             backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
-            extractor = _Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device)
+            extractor = _Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device,
+                                   allowed_code=config.conditioning.code_specs())  # the user's own config
             t = config.tiling
             source = TileSource(records, store.images, t.tile_size, t.stride, t.pad_mode)
             with progress_bar("extract", int(total_tiles), "tiles", show_progress) as advance:

@@ -20,9 +20,10 @@ from pathlib import Path
 from pathseg.extract.conditioning import IMAGENET_MEAN, IMAGENET_STD, SSLEncoder, weights_digest
 from torch import nn
 
+from pathseg.config import CODE_PREFIX
 from pathseg.errors import PathsegError
 
-PREFIX = "python:"
+PREFIX = CODE_PREFIX
 SPEC = re.compile(r"^python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)$")
 DEFAULT_INPUT_SIZE = 224
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -159,12 +160,17 @@ class TileSource:
         self.cached_images = max(1, cached_images)
         self.max_cached_bytes = max_cached_bytes
         self._cache: OrderedDict[int, PaddedView] = OrderedDict()
+        self._cache_lock = threading.Lock()  # a dask worker's threads share one source (extract/cluster.py)
         self.tile_image = np.concatenate([np.full(e.n_tiles, i) for i, e in enumerate(entries)]).astype(np.int64)
         self.origins = np.concatenate(
             [np.asarray(grid_of(e, tile_size, stride).origins()).reshape(-1, 2) for e in entries]
         ).astype(np.int64)
 
     def _view(self, index: int) -> PaddedView:
+        with self._cache_lock:
+            return self._cached_view(index)
+
+    def _cached_view(self, index: int) -> PaddedView:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]

@@ -177,6 +177,9 @@ class BackboneConfig(Section):
     trust_checkpoint: bool = False
 
 
+CODE_PREFIX = "python:"  # an SSL encoder named so is imported from an installed module
+
+
 class ConditioningConfig(Section):
     mode: Literal["null", "ssl"] = "null"
 
@@ -189,6 +192,15 @@ class ConditioningConfig(Section):
     encoder_weights: Path | None = None
     region_encoder: str | None = None
     region_encoder_weights: Path | None = None
+
+    def code_specs(self) -> frozenset[str]:
+        """The `python:` encoders this section names: code that building its conditioning would import.
+
+        Only a section the user wrote (their config or command line) may have these imported; a section read
+        back from a run record, store attrs or a backbone directory is checked against this set instead.
+        """
+        names = (self.encoder, self.region_encoder)
+        return frozenset(name.strip() for name in names if name and name.strip().startswith(CODE_PREFIX))
 
 
 class ExtractConfig(Section):

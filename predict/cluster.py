@@ -8,6 +8,7 @@ skips inputs whose outputs are finished (their area table exists).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,19 @@ from pathseg.config import ExtractConfig
 from pathseg.progress import progress_bar
 
 _worker_state: dict[str, Any] = {}
+_worker_lock = threading.Lock()  # a worker with several threads runs tasks at once: they build one predictor
 
 
 def predict_on_cluster(run_dir: Path, jobs: list[tuple[Path, Path]], options: PredictOptions, *,
                        backbone: str | None, device: str | None, workers: int, scheduler: str | None,
-                       show_progress: bool, trust_checkpoint: bool = False) -> None:
+                       show_progress: bool, trust_checkpoint: bool = False, trust_run: bool = False) -> None:
     distributed = _distributed()
     settings = ExtractConfig(workers=max(1, workers), scheduler=scheduler, device=device or "auto")
     backbone = str(Path(backbone).resolve()) if backbone and Path(backbone).exists() else backbone
     with ExtractionCluster(settings, show_progress) as cluster:
         futures = [cluster.client.submit(predict_task, str(run_dir.resolve()), str(path.resolve()),
                                          str(folder.resolve()), options, backbone, settings.device,
-                                         trust_checkpoint, pure=False)
+                                         trust_checkpoint, trust_run, pure=False)
                    for path, folder in jobs]
         with progress_bar("predict", len(jobs), "inputs", show_progress) as advance:
             try:
@@ -40,16 +42,19 @@ def predict_on_cluster(run_dir: Path, jobs: list[tuple[Path, Path]], options: Pr
 
 
 def predict_task(run_dir: str, path: str, folder: str, options: PredictOptions, backbone: str | None,
-                 device_setting: str, trust_checkpoint: bool = False) -> int:
-    """On a worker: one input end to end; the predictor is built once per worker and run."""
+                 device_setting: str, trust_checkpoint: bool = False, trust_run: bool = False) -> int:
+    """On a worker: one input end to end; the predictor is built once per worker and shared by its threads (its
+    extractor serialises their forwards)."""
     from pathseg.predict.command import predict_one
     from pathseg.predict.predictor import Predictor
 
     device = str(worker_device(device_setting))
-    key = f"{run_dir}|{backbone}|{device}|{trust_checkpoint}"
-    if _worker_state.get("key") != key:
-        _worker_state["predictor"] = Predictor(Path(run_dir), backbone=backbone, device=device,
-                                               trust_checkpoint=trust_checkpoint)
-        _worker_state["key"] = key
-    predict_one(Path(path), Path(folder), _worker_state["predictor"], options, show_progress=False)
+    key = f"{run_dir}|{backbone}|{device}|{trust_checkpoint}|{trust_run}"
+    with _worker_lock:
+        if _worker_state.get("key") != key:
+            _worker_state["predictor"] = Predictor(Path(run_dir), backbone=backbone, device=device,
+                                                   trust_checkpoint=trust_checkpoint, trust_run=trust_run)
+            _worker_state["key"] = key
+        predictor = _worker_state["predictor"]
+    predict_one(Path(path), Path(folder), predictor, options, show_progress=False)
     return 1

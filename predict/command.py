@@ -84,7 +84,8 @@ def predict_one(path: Path, folder: Path, predictor: Predictor, options: Predict
 
 def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str | None = None,
                    device: str | None = None, workers: int = 1, scheduler: str | None = None,
-                   show_progress: bool = True, trust_checkpoint: bool = False, **options) -> PredictionSummary:
+                   show_progress: bool = True, trust_checkpoint: bool = False, trust_run: bool = False,
+                   **options) -> PredictionSummary:
     """Images and slides, mixed, in this process or (`workers` > 1, `scheduler`) on dask workers, a whole
     input per task. `options` are those of `PredictOptions`."""
     settings = PredictOptions(**options)
@@ -103,9 +104,11 @@ def predict_images(run_dir: Path, inputs: list[str], out: Path, *, backbone: str
         from pathseg.predict.cluster import predict_on_cluster
 
         predict_on_cluster(Path(run_dir), jobs, settings, backbone=backbone, device=device, workers=workers,
-                           scheduler=scheduler, show_progress=show_progress, trust_checkpoint=trust_checkpoint)
+                           scheduler=scheduler, show_progress=show_progress, trust_checkpoint=trust_checkpoint,
+                           trust_run=trust_run)
     else:
-        predictor = Predictor(Path(run_dir), backbone=backbone, device=device, trust_checkpoint=trust_checkpoint)
+        predictor = Predictor(Path(run_dir), backbone=backbone, device=device, trust_checkpoint=trust_checkpoint,
+                              trust_run=trust_run)
         for path, folder in jobs:
             predict_one(path, folder, predictor, settings, show_progress)
     return PredictionSummary([folder for _, folder in jobs], skipped)

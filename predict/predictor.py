@@ -39,14 +39,20 @@ def training_mpp(config: PipelineConfig) -> float | None:
     return None
 
 
-def run_config(run: Run, backbone: str | None, device: str | None, trust_checkpoint: bool = False) -> PipelineConfig:
+def run_config(run: Run, backbone: str | None, device: str | None, trust_checkpoint: bool = False,
+               trust_run: bool = False) -> PipelineConfig:
     """The run's pipeline config, with the store's precision and, when given, another path to the backbone.
 
-    Whether a checkpoint may be unpickled in full is the user's call on this command line, never what the
-    run's record says: run.json is a file like any other, and may come from someone else.
+    Whether a checkpoint may be unpickled in full, or a `python:` encoder the run names may be imported, is the
+    user's call on this command line, never what the run's record says: run.json is a file like any other, and
+    may come from someone else.
     """
     config = PipelineConfig.model_validate(run.record["config"])
     config.backbone.trust_checkpoint = trust_checkpoint
+    code = sorted(config.conditioning.code_specs())
+    if code and not trust_run:
+        raise PathsegError(f"run {run.directory} conditions on {code[0]}, code that pathseg would have to import; "
+                           "it never runs code a run record names: if you trust this run, pass --trust-run")
     if backbone is not None:
         config.backbone.name = backbone
     name = config.backbone.name
@@ -64,13 +70,15 @@ class Predictor:
     """Logits of whole images: tiles -> backbone features (rounded as stored) -> head -> blended."""
 
     def __init__(self, run_dir: Path, *, backbone: str | None = None, device: str | None = None,
-                 batch_size: int | None = None, trust_checkpoint: bool = False) -> None:
+                 batch_size: int | None = None, trust_checkpoint: bool = False, trust_run: bool = False) -> None:
         self.run = load_run(run_dir)
-        self.config = run_config(self.run, backbone, device, trust_checkpoint)
+        self.config = run_config(self.run, backbone, device, trust_checkpoint, trust_run)
         self.device = pick_device(self.config.extract.device)
         b = self.config.backbone
         built = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
-        self.extractor = _Extractor(prepare_for_device(built, self.device, False), self.config, self.device)
+        allowed = self.config.conditioning.code_specs() if trust_run else frozenset()
+        self.extractor = _Extractor(prepare_for_device(built, self.device, False), self.config, self.device,
+                                    allowed_code=allowed)
         self.head = self.run.load_head(self.device)
         self.pairs = self.run.pairs
         self.class_names: list[str] = list(self.run.record["class_names"])

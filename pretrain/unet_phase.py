@@ -33,7 +33,8 @@ def ssl_conditioning(config: ConditioningConfig, projector_config: dict, tile_si
     """
     shape = dict(projector_config)
     placeholder = SSLProjector(**shape)
-    conditioning = build_conditioning(config, placeholder)
+    # `config` is the user's own (pretrain never takes conditioning from its record), so its plugins may load
+    conditioning = build_conditioning(config, placeholder, allowed_code=config.code_specs())
     if conditioning.patch is not None:
         blank = torch.zeros(1, 3, tile_size, tile_size)
         with torch.no_grad():

@@ -119,7 +119,8 @@ def test_an_encoder_module_is_imported_only_when_the_config_says_python(tmp_path
         with pytest.raises(PathsegError, match="unknown SSL encoder"):
             build_conditioning(ConditioningConfig(mode="ssl", encoder=name), projector)
     assert not sentinel.exists() and "probe_encoder" not in sys.modules
-    conditioning = build_conditioning(ConditioningConfig(mode="ssl", encoder="python:probe_encoder:build"), projector)
+    config = ConditioningConfig(mode="ssl", encoder="python:probe_encoder:build")
+    conditioning = build_conditioning(config, projector, allowed_code=config.code_specs())
     assert sentinel.exists() and conditioning.mode == "ssl"
     sys.modules.pop("probe_encoder", None)
 

@@ -339,9 +339,18 @@ class PretrainConfig(Section):
     cached_images: int = Field(4, ge=1)
     slides: Path | None = None
     mpp: float = Field(0.5, gt=0)
-    level0_mpp: float | None = Field(None, gt=0)
+    level0_mpp: float | None = Field(None, gt=0)  # slides that record no mpp; a file's own value wins
+    force_level0_mpp: bool = False  # level0_mpp even for slides that record their own (mislabelled files)
     tissue_threshold: float | None = Field(None, ge=0.0, le=1.0)
     min_tissue: float = Field(0.5, gt=0.0, le=1.0)
+
+    @field_validator("force_level0_mpp")
+    @classmethod
+    def _force_needs_a_value(cls, value: bool, info: Any) -> bool:
+        if value and info.data.get("level0_mpp") is None:
+            raise ValueError("force_level0_mpp is set but level0_mpp is not; give the mpp to force (--mpp with "
+                             "--force-mpp)")
+        return value
 
     @field_validator("first_stage_crop")
     @classmethod

@@ -23,8 +23,8 @@ def predict(
         str | None, typer.Option("--backbone", help="the run's backbone at another path (if it moved)")
     ] = None,
     mpp: Annotated[
-        float | None, typer.Option("--mpp", help="microns per pixel of the inputs, level 0 for slides (default: "
-                                                 "what a slide records; the training mpp for images)")
+        float | None, typer.Option("--mpp", help="microns per pixel of the images (default: the training mpp), "
+                                                 "and level 0 of slides that record none (a slide's own wins)")
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")] = None,
     object_type: Annotated[

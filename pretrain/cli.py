@@ -34,6 +34,9 @@ def pretrain(
     mpp: Annotated[
         float | None, typer.Option("--mpp", help="slides: level-0 microns per pixel of slides that record none")
     ] = None,
+    force_mpp: Annotated[
+        bool, typer.Option("--force-mpp", help="slides: use --mpp even for slides that record their own")
+    ] = False,
     preset: Annotated[str | None, typer.Option("--preset", help="model size: tiny | small | paper")] = None,
     steps: Annotated[
         int | None, typer.Option("--steps", help="optimiser steps of both phases together (pretrain.steps)")
@@ -47,7 +50,7 @@ def pretrain(
     from pathseg.pretrain.command import run_pretraining
 
     flags = {"pretrain.preset": preset, "pretrain.steps": steps, "pretrain.slides": slides,
-             "pretrain.level0_mpp": mpp}
+             "pretrain.level0_mpp": mpp, "pretrain.force_level0_mpp": force_mpp or None}
     cfg = build_config(config, [*(set_ or []), *_as_overrides(flags)], dataset=dataset, data_root=data_root)
     summary = run_pretraining(cfg, out, overwrite=overwrite, show_progress=not quiet)
     record = summary.record

@@ -120,7 +120,7 @@ class SlideTiles:
         self.files = slide_files(Path(settings.slides))
         origins, owners = [], []
         for index, path in enumerate(self.files):
-            with Slide(path, mpp=settings.level0_mpp) as slide:
+            with Slide(path, mpp=settings.level0_mpp, force_mpp=settings.force_level0_mpp) as slide:
                 width, height = slide.size_at(settings.mpp)
                 mask = tissue_mask(slide.thumbnail(), settings.tissue_threshold)
             grid = whole_tile_grid(height, width, self.tile_size, config.tiling.stride)
@@ -140,7 +140,7 @@ class SlideTiles:
         if index in self._open:
             self._open.move_to_end(index)
             return self._open[index]
-        slide = Slide(self.files[index], mpp=self.settings.level0_mpp)
+        slide = Slide(self.files[index], mpp=self.settings.level0_mpp, force_mpp=self.settings.force_level0_mpp)
         self._open[index] = slide
         while len(self._open) > self.settings.cached_images:
             self._open.popitem(last=False)[1].close()
@@ -156,7 +156,9 @@ class SlideTiles:
 
     def identity(self) -> dict:
         s = self.settings
+        forced = {"force_level0_mpp": True} if s.force_level0_mpp else {}  # absent when off: older runs resume
         return {
+            **forced,
             "source": "slides",
             "folder": str(Path(s.slides).resolve()),
             "files_digest": digest_files(self.files, Path(s.slides)),

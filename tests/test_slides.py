@@ -99,3 +99,39 @@ def test_unreadable_files_fail_in_one_line(tmp_path, slide_file):
             slide.read(0, 0, 2048, 1536, 0.25)
     with pytest.raises(PathsegError, match="does not exist"):
         slides.Slide(tmp_path / "missing.svs")
+
+
+def test_the_files_own_mpp_wins_over_a_disagreeing_one_and_says_so(slide_file, capsys):
+    path, _, _ = slide_file
+    with slides.Slide(path, mpp=0.5) as slide:  # a 40x file in a command whose --mpp is for 20x slides
+        assert slide.mpp == pytest.approx(0.25)
+    said = capsys.readouterr().err
+    assert "case.tif" in said and "0.5" in said and "0.25" in said and len(said.strip().splitlines()) == 1
+    with slides.Slide(path, mpp=0.2510) as slide:  # within 1%: the same resolution, nothing to say
+        assert slide.mpp == pytest.approx(0.25)
+    assert capsys.readouterr().err == ""
+    with slides.Slide(path, mpp=0.5, force_mpp=True) as slide:  # the user insists
+        assert slide.mpp == 0.5
+    with pytest.raises(PathsegError, match="force"):
+        slides.Slide(path, force_mpp=True)  # forcing nothing is a mistake, said in one line
+
+
+def test_pretrain_slides_read_at_the_files_mpp_unless_forced(tmp_path):
+    from pathseg.pretrain.data import SlideTiles
+
+    from pathseg.config import load_config
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    rgb, _ = he_like_slide()
+    write_pyramid(folder / "case.tif", rgb, mpp=0.25)
+    settings = {"cache_dir": str(tmp_path / "cache"), "pretrain.slides": str(folder), "pretrain.mpp": 1.0,
+                "tiling.tile_size": 64, "tiling.stride": 64}
+    recorded = SlideTiles(load_config(None, settings))
+    given = SlideTiles(load_config(None, {**settings, "pretrain.level0_mpp": 0.5}))
+    np.testing.assert_array_equal(given.origins, recorded.origins)
+    forced = SlideTiles(load_config(None, {**settings, "pretrain.level0_mpp": 0.5, "pretrain.force_level0_mpp": True}))
+    assert len(forced.origins) > len(recorded.origins)  # read as twice as coarse: twice the slide at 1 µm/px
+    assert forced.identity()["force_level0_mpp"] is True
+    with pytest.raises(PathsegError, match="force_level0_mpp is set but level0_mpp is not"):
+        load_config(None, {**settings, "pretrain.force_level0_mpp": True})

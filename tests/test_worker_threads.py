@@ -94,8 +94,9 @@ def test_predict_on_a_two_thread_worker_equals_one_process(trained, tmp_path, mo
         return built
 
     monkeypatch.setattr("pathseg.predict.predictor.load_backbone", slowed)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        predict_images(run_dir, [str(folder)], tmp_path / "threads", scheduler=cluster.scheduler_address,
+    two_threads = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None)
+    with two_threads:
+        predict_images(run_dir, [str(folder)], tmp_path / "threads", scheduler=two_threads.scheduler_address,
                        show_progress=False)
     for k in range(3):
         alone = np.asarray(Image.open(tmp_path / "alone" / f"image{k}" / "labels.png"))

@@ -324,7 +324,7 @@ class PretrainConfig(Section):
     ssim_weight: float = Field(0.2, ge=0)
     kl_weight: float = Field(1e-6, ge=0)
     condition_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)  # a cap: diffusers' warm-up decay is n/(n+9) at UNet step n
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoint: bool = True  # kept beside --out after the export, so a larger --steps extends the run
     splits: list[str] = Field(["train"], min_length=1)

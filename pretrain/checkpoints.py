@@ -34,6 +34,8 @@ class RunState:
     seconds: dict[str, float] = field(default_factory=lambda: {phase: 0.0 for phase in PHASES})
     latent_scale: float = 1.0
     resumed_from: list[int] = field(default_factory=list)
+    # {"step": s, setting: [before, after]}: the recovery settings a resume at step s changed
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -42,12 +44,14 @@ class RunState:
             "seconds": dict(self.seconds),
             "latent_scale": float(self.latent_scale),
             "resumed_from": list(self.resumed_from),
+            "changes": [dict(change) for change in self.changes],
         }
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> RunState:
         return cls(int(value["step"]), {k: list(v) for k, v in value["history"].items()}, dict(value["seconds"]),
-                   float(value["latent_scale"]), list(value["resumed_from"]))
+                   float(value["latent_scale"]), list(value["resumed_from"]),
+                   [dict(change) for change in value.get("changes", [])])  # none in older checkpoints
 
 
 def rng_states() -> dict[str, Any]:

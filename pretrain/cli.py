@@ -42,7 +42,8 @@ def pretrain(
         int | None, typer.Option("--steps", help="optimiser steps of both phases together (pretrain.steps)")
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="replace a finished backbone or a checkpoint made with other settings at --out")
+        bool, typer.Option(help="pretrain --out afresh: replace the finished backbone there (even one of these "
+                                "settings) or a checkpoint made with other settings")
     ] = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -55,8 +56,8 @@ def pretrain(
     summary = run_pretraining(cfg, out, overwrite=overwrite, show_progress=not quiet)
     record = summary.record
     if summary.already_done:
-        say(f"{out} already holds this pretraining (record {out / 'pretrain.json'}): nothing to do; delete it to "
-            "train it again")
+        say(f"{out} already holds this pretraining (record {out / 'pretrain.json'}): nothing to do; add --overwrite "
+            "to train it again from scratch")
         return
     losses = record["final_losses"]
     rates = record["steps_per_second"]

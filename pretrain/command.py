@@ -1,11 +1,10 @@
 """`pathseg pretrain`: settings and data -> both phases (resuming from a checkpoint) -> backbone directory.
 
-What may be resumed is decided by the run's identity: model shapes, data, tiling, conditioning, seed,
-the first stage's step count and training crop (they change what phase 1 trains on). Learning rates,
-loss weights, batch size, device and checkpoint interval are not in it, so a run stopped by a NaN can
-resume from its last good checkpoint with a lower learning rate. Nor is the total step count: the
-learning rates are constant, so the first k steps of a run do not depend on how many follow, and a
-finished run (its checkpoint is kept beside `--out`) is extended by rerunning it with a larger `--steps`.
+A run's identity (pretrain/identity.py) holds every setting that changes its weights; its digest, the
+settings key, is what a finished backbone's `pretrain.json` records. The same key and `--steps` is done
+(or redone from scratch with `--overwrite`); a larger `--steps` extends the run from the checkpoint kept
+beside `--out`; another key is refused unless `--overwrite`. A stopped run resumes from its checkpoint,
+also with other learning rates, loss weights or batch size (what gets past a NaN), and the record says so.
 """
 
 from __future__ import annotations
@@ -19,19 +18,31 @@ from typing import Any
 
 import torch
 from pathseg.extract.precision import pick_device
-from pathseg.extract.runner import conditioning_fingerprint
 from pathseg.pretrain.checkpoints import CHECKPOINT, load_checkpoint, remove_stale_temporaries
-from pathseg.pretrain.data import build_stream, crop_size
+from pathseg.pretrain.data import build_stream
+from pathseg.pretrain.identity import (
+    differences,
+    normalised,
+    recorded_identity,
+    recovery_changes,
+    resumable,
+    resume_key,
+    run_identity,
+    settings_key,
+)
 from pathseg.pretrain.presets import model_configs, phase_steps
 from pathseg.pretrain.unet_phase import ssl_conditioning
 
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
+from pathseg.files import atomic_write_text
 from pathseg.locking import store_lock
 from pathseg.progress import say
-from pathseg.store import PRETRAIN_RECORD, canonical_json, digest
+from pathseg.store import PRETRAIN_RECORD
 
 WORK_SUFFIX = ".pretraining"
+REDO_MARKER = "redoing.json"  # in the work directory while --overwrite redoes a finished backbone
+DONE, REDO, REPLACE, TRAIN = "done", "redo", "replace", "train"
 
 
 @dataclass
@@ -69,74 +80,77 @@ def autocast_factory(device: torch.device, precision: str):
     return nullcontext
 
 
-def run_identity(config: PipelineConfig, configs: dict, data: dict) -> dict:
-    """What a checkpoint must share with this run to be resumed by it (JSON-plain, for the checkpoint)."""
-    s = config.pretrain
-    identity = {
-        "models": configs,
-        "data": data,
-        "tiling": config.tiling.model_dump(mode="json"),
-        "conditioning": conditioning_fingerprint(config),
-        "seed": s.seed,
-        "first_stage_steps": phase_steps(s)[0],
-        "first_stage_crop": crop_size(s.first_stage_crop, config.tiling.tile_size),  # None: whole tiles
-    }
-    return json.loads(canonical_json(identity))
+def finished_backbone(out: Path, identity: dict, steps: int, checkpoint: Path, overwrite: bool) -> str:
+    """What `out` asks of this run: DONE (it holds this very pretraining), REDO, REPLACE or TRAIN.
 
-
-def legacy_identity(identity: dict) -> dict:
-    """A checkpoint written before the identity held `first_stage_steps` (it held `steps` and
-    `first_stage_fraction`) in today's form, so such runs still resume and extend."""
-    if "first_stage_steps" in identity or "steps" not in identity or "first_stage_fraction" not in identity:
-        return identity
-    legacy = {k: v for k, v in identity.items() if k not in ("steps", "first_stage_fraction")}
-    steps = int(identity["steps"])
-    legacy["first_stage_steps"] = min(max(1, round(steps * float(identity["first_stage_fraction"]))), steps - 1)
-    return legacy
-
-
-def finished_backbone(out: Path, key: str, steps: int, checkpoint: Path, overwrite: bool) -> bool:
-    """True when `out` already holds this very pretraining; refuses to replace another one unless told to.
-
-    --overwrite replaces only what was made with other settings: the same command, flag included, run
-    again after a kill resumes, and run again after it finished does nothing. The same run with a larger
-    `--steps` extends it from its kept checkpoint and replaces `out` when done.
+    The same settings key and `--steps` is DONE, or REDO (from scratch) with --overwrite. The same key with a
+    larger `--steps` extends the run from its kept checkpoint. Another key is refused, naming what differs,
+    unless --overwrite (REPLACE: only a checkpoint of this very run, killed while replacing, is resumed).
     """
     record = out / PRETRAIN_RECORD
-    if record.is_file():
-        try:
-            recorded = json.loads(record.read_text())
-            recorded_key, recorded_steps = recorded.get("settings_key"), int(recorded["steps"]["total"])
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            recorded_key, recorded_steps = None, None
-        if recorded_key == key and recorded_steps == steps:
-            return True
-        if recorded_key == key and not overwrite:
-            if recorded_steps is not None and recorded_steps > steps:
-                raise PathsegError(
-                    f"{out} was pretrained for {recorded_steps} steps and a run cannot be shortened; use --steps "
-                    f"{recorded_steps} or more, or choose another --out"
-                )
-            if not checkpoint.is_file():
-                raise PathsegError(
-                    f"cannot extend {out} to {steps} steps: its checkpoint {checkpoint} is gone; rerun with "
-                    "--overwrite to pretrain afresh, or choose another --out"
-                )
-            return False
+    if not record.is_file():
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise PathsegError(
+                f"{out} exists and is not a pretrained backbone (it has no {PRETRAIN_RECORD}); choose another --out"
+            )
+        return TRAIN
+    key = settings_key(identity)
+    try:
+        recorded = json.loads(record.read_text())
+        recorded_key, theirs = recorded_identity(recorded, identity)
+        recorded_steps = int(recorded["steps"]["total"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        recorded_key, theirs, recorded_steps = None, None, None
+    if recorded_key == key:
         if overwrite:
-            return False
-        raise PathsegError(
-            f"{out} holds a backbone pretrained with other settings or data; rerun with --overwrite to replace it, "
-            "or choose another --out"
-        )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PathsegError(
-            f"{out} exists and is not a pretrained backbone (it has no {PRETRAIN_RECORD}); choose another --out"
-        )
-    return False
+            return REDO
+        if recorded_steps == steps:
+            return DONE
+        if recorded_steps is not None and recorded_steps > steps:
+            raise PathsegError(
+                f"{out} was pretrained for {recorded_steps} steps and a run cannot be shortened; use --steps "
+                f"{recorded_steps} or more, --overwrite to pretrain afresh, or choose another --out"
+            )
+        if not checkpoint.is_file():
+            raise PathsegError(
+                f"cannot extend {out} to {steps} steps: its checkpoint {checkpoint} is gone; rerun with "
+                "--overwrite to pretrain afresh, or choose another --out"
+            )
+        return TRAIN
+    if overwrite:
+        return REPLACE
+    differ = ", ".join(differences(identity, theirs)[:6]) if theirs is not None else ""
+    raise PathsegError(
+        f"{out} holds a backbone pretrained with other {differ or 'settings or data'}; rerun with --overwrite to "
+        "replace it, or choose another --out"
+    )
 
 
-def resume_point(checkpoint: Path, identity: dict, key: str, overwrite: bool) -> dict | None:
+def begin_redo(out: Path, work: Path, checkpoint: Path) -> None:
+    """Drop the finished run's checkpoint so the redo starts from scratch, unless a redo of this very backbone
+    was already under way (then, like any killed run, it resumes). A marker naming the backbone being redone
+    tells the two apart; `out` keeps the old backbone until the new one replaces it."""
+    marker = work / REDO_MARKER
+    try:
+        replacing = json.loads((out / PRETRAIN_RECORD).read_text()).get("weights_digest")
+    except (OSError, ValueError, AttributeError):
+        replacing = None
+    try:
+        under_way = json.loads(marker.read_text()).get("replacing") == replacing
+    except (OSError, ValueError, AttributeError):
+        under_way = False
+    if under_way and checkpoint.is_file():
+        return
+    checkpoint.unlink(missing_ok=True)
+    atomic_write_text(marker, json.dumps({"replacing": replacing}))
+
+
+def resume_point(checkpoint: Path, identity: dict, overwrite: bool, exact: bool = False) -> dict | None:
+    """The checkpoint to resume from, None to start afresh; refuses one of another run unless --overwrite.
+
+    `exact`: only a checkpoint with this very settings key is resumed (replacing a finished backbone: its kept
+    checkpoint must not be continued under other settings). Otherwise the `RECOVERY` settings may differ.
+    """
     if not checkpoint.exists():
         return None
     try:
@@ -145,19 +159,21 @@ def resume_point(checkpoint: Path, identity: dict, key: str, overwrite: bool) ->
         if not overwrite:
             raise
         saved = {}
-    if saved.get("identity_key") != key and digest(legacy_identity(saved.get("identity", {}))) == key:
-        saved["identity"], saved["identity_key"] = identity, key
-    if saved.get("identity_key") != key and overwrite:
+    theirs = saved.get("identity")
+    theirs = normalised(theirs, identity) if isinstance(theirs, dict) else {}
+    same = (settings_key(theirs) == settings_key(identity) if exact
+            else resume_key(theirs) == resume_key(identity))
+    if same:
+        saved["identity"] = theirs
+        return saved
+    if overwrite:
         checkpoint.unlink()
         return None
-    if saved.get("identity_key") != key:
-        theirs = saved.get("identity", {})
-        differ = sorted(k for k in identity.keys() | theirs.keys() if theirs.get(k) != identity.get(k)) or ["settings"]
-        raise PathsegError(
-            f"{checkpoint} belongs to a pretraining with other {', '.join(differ)}; rerun the command that made it "
-            "to resume it, or add --overwrite to start afresh"
-        )
-    return saved
+    differ = differences(resumable(identity), resumable(theirs)) or ["settings"]
+    raise PathsegError(
+        f"{checkpoint} belongs to a pretraining with other {', '.join(differ[:6])}; rerun the command that made it "
+        "to resume it, or add --overwrite to start afresh"
+    )
 
 
 def run_pretraining(config: PipelineConfig, out: Path, *, overwrite: bool = False,
@@ -181,16 +197,18 @@ def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progres
     conditioning, configs["projector"] = ssl_conditioning(config.conditioning, configs["projector"],
                                                           config.tiling.tile_size)
     identity = run_identity(config, configs, stream.reader.identity())
-    key = digest(identity)
     work = work_dir_for(out)
     checkpoint = work / CHECKPOINT
-    if finished_backbone(out, key, settings.steps, checkpoint, overwrite):
+    verdict = finished_backbone(out, identity, settings.steps, checkpoint, overwrite)
+    if verdict == DONE:
         record = json.loads((out / PRETRAIN_RECORD).read_text())
         return PretrainSummary(out, already_done=True, record=record)
 
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(work)
-    saved = resume_point(checkpoint, identity, key, overwrite)
+    if verdict == REDO:
+        begin_redo(out, work, checkpoint)
+    saved = resume_point(checkpoint, identity, overwrite, exact=verdict == REPLACE)
     if saved is not None and int(saved["state"]["step"]) > settings.steps:
         raise PathsegError(
             f"{checkpoint} is at step {saved['state']['step']}, past --steps {settings.steps}; a run cannot be "
@@ -198,19 +216,24 @@ def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progres
         )
     torch.manual_seed(settings.seed)
     trainer = Trainer(config, configs, device, autocast_factory(device, precision), stream, conditioning,
-                      checkpoint, identity, key, steps)
+                      checkpoint, identity, resume_key(identity), steps)
     trainer.precision = precision
     summary = PretrainSummary(out)
     if saved is not None:
         trainer.restore(saved)
         summary.resumed_from = trainer.state.step
+        changed = recovery_changes(identity, saved["identity"])
+        if changed:
+            trainer.state.changes.append({"step": trainer.state.step, **changed})
         if show_progress:
-            say(f"resuming from {checkpoint} at step {trainer.state.step} of {trainer.total_steps}")
+            now = "".join(f", {k} {old} -> {new}" for k, (old, new) in changed.items())
+            say(f"resuming from {checkpoint} at step {trainer.state.step} of {trainer.total_steps}{now}")
     trainer.train_first_stage(show_progress)
     trainer.train_unet(show_progress)
     summary.record = export_backbone(trainer, out, work)
     if settings.keep_checkpoint:
         shutil.rmtree(work / "backbone", ignore_errors=True)
+        (work / REDO_MARKER).unlink(missing_ok=True)
     else:
         shutil.rmtree(work, ignore_errors=True)
     return summary

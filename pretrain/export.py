@@ -20,6 +20,7 @@ from pathseg.extract.backbone import Backbone, file_digest
 from pathseg.pretrain.checkpoints import PHASES
 from pathseg.pretrain.data import to_unit_tensor
 from pathseg.pretrain.first_stage import reconstruct
+from pathseg.pretrain.identity import settings_key
 from pathseg.pretrain.plots import image_grid, loss_plot, to_uint8
 from pathseg.pretrain.trainer import Trainer
 from pathseg.pretrain.unet_phase import sample_images
@@ -107,7 +108,8 @@ def build_record(trainer: Trainer, reconstruction: dict | None, samples: int, di
     return {
         "schema": RECORD_SCHEMA,
         "weights_digest": digest,
-        "settings_key": trainer.identity_key,
+        "settings_key": settings_key(trainer.identity),  # what a rerun compares: every setting of the weights
+        "identity": trainer.identity,
         "preset": trainer.settings.preset,
         "first_stage_class": trainer.configs["first_stage_class"],
         "parameters": {
@@ -125,6 +127,7 @@ def build_record(trainer: Trainer, reconstruction: dict | None, samples: int, di
                              for phase in PHASES},
         "seconds": seconds,
         "resumed_from_steps": state.resumed_from,
+        "settings_changed": state.changes,  # learning rates etc. changed when a stopped run was resumed
         "latent_scale": state.latent_scale,
         "reconstruction": reconstruction,
         "samples": {"count": samples, "ddim_steps": trainer.settings.sample_steps},

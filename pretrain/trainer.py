@@ -44,7 +44,7 @@ class Trainer:
         self.conditioning = conditioning.to(device)
         self.checkpoint = checkpoint
         self.identity = identity
-        self.identity_key = identity_key
+        self.identity_key = identity_key  # the resume key: what a checkpoint must share to be resumed
         self.first_steps, self.unet_steps = phase_steps
         self.state = RunState()
         self.precision = "float32"  # what autocast computes in; set by the command, recorded

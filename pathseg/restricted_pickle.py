@@ -14,11 +14,20 @@ so those files would otherwise need full unpickling. Here the pickle is read by 
   called: "calling" it just records the pickled arguments and state as data, so a Namespace of
   hyper-parameters comes back as a placeholder beside a `state_dict` that loads normally.
 
+BUILD (set an object's state) acts on an object without calling a global, so only objects this load made,
+whose state is data, take it: placeholders and the `OrderedDict`s carrying a `state_dict`'s `_metadata`. On a
+tensor, `Tensor.__setstate__` calls `set_()`, which grows the storage to any size the state names (16 bytes on
+disk became 50M elements); on what `find_class` hands out (a function, a class), it would change that object
+for the whole process. Hence the pure-Python `pickle._Unpickler`: the C one has no hook on BUILD.
+
 Storages are read by this module, not by `torch.load`: from the zip records (`<archive>/data.pkl` and
 `<archive>/data/<key>`, the format since torch 1.6, each record's CRC-32 checked by `zipfile`) or from the
 legacy stream (magic number, protocol, system info, the pickle, the storage keys, then each storage as an
 int64 element count and its bytes). So nothing in this path depends on torch's own unpicklers, which had
-code-execution holes before torch 2.6.
+code-execution holes before torch 2.6. Storages never take more memory than the file holds bytes: zip records
+must be stored, not compressed (a deflated record can inflate a thousandfold), and a legacy file's storages
+together may not claim more than its size. `load_restricted(path, meta=True)` reads only the pickle, with
+storages on the meta device, so a file can be judged before any loader allocates what it claims.
 """
 
 from __future__ import annotations
@@ -97,6 +106,11 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "BoolStorage": torch.bool,
     "ComplexFloatStorage": torch.complex64,
     "ComplexDoubleStorage": torch.complex128,
+    "QInt8Storage": torch.qint8,
+    "QUInt8Storage": torch.quint8,
+    "QInt32Storage": torch.qint32,
+    "QUInt4x2Storage": torch.quint4x2,
+    "QUInt2x4Storage": torch.quint2x4,
 }
 _DTYPES: dict[str, torch.dtype] = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 _PYTHON2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
@@ -190,26 +204,46 @@ def _placeholder_class(module: str, name: str) -> type[PickledGlobal]:
     return type(class_name, (PickledGlobal,), {"pickled_name": full, "__module__": __name__})
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle._Unpickler):
     """Unpickles tensors, containers and primitives; any other global becomes an inert `PickledGlobal`."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self) -> None:
+        """BUILD, for placeholder instances and `OrderedDict`s only (see the module docstring for why)."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, PickledGlobal):
+            PickledGlobal.__setstate__(inst, state)  # the base class's: a placeholder class is no one's to patch
+        elif type(inst) is OrderedDict and isinstance(state, dict) and all(type(k) is str for k in state):
+            inst.__dict__.update(state)  # `_metadata`, as torch's own tensors-only loader allows
+        else:
+            what = "a tensor" if isinstance(inst, torch.Tensor) else f"a {type(inst).__name__}"
+            what = f"the module-level {self._globals[id(inst)]}" if id(inst) in self._globals else what
+            raise UnreadableCheckpoint(f"its pickle sets the state of {what} (BUILD), which pathseg refuses: that "
+                                       "could grow a tensor past the file's bytes or change a shared object")
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def __init__(self, file: BinaryIO, storage: Callable[[tuple], Any] | None = None) -> None:
         super().__init__(file, encoding="utf-8")
         self._storage = storage
         self._placeholders: dict[str, type[PickledGlobal]] = {}
+        self._globals: dict[int, str] = {}  # id of what find_class handed out -> its pickled name, for messages
 
     def find_class(self, module: str, name: str) -> Any:
         module = _PYTHON2_MODULES.get(module, module)
         full = f"{module}.{name}"
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
+        if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:  # torch.storage: an untyped storage
+            return _StorageType(_STORAGE_DTYPES[name])  # a new object each time, not a shared one
         if module == "torch" and name in _DTYPES:
-            return _DTYPES[name]
-        if full in _ALLOWED:
-            return _ALLOWED[full]
-        if full not in self._placeholders:
-            self._placeholders[full] = _placeholder_class(module, name)
-        return self._placeholders[full]
+            found: Any = _DTYPES[name]
+        elif full in _ALLOWED:
+            found = _ALLOWED[full]
+        else:
+            found = self._placeholders.setdefault(full, _placeholder_class(module, name))
+        self._globals[id(found)] = full
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         if self._storage is None or not isinstance(pid, tuple) or not pid:
@@ -249,11 +283,15 @@ def zip_prefix(archive: zipfile.ZipFile) -> str:
         raise UnreadableCheckpoint("a TorchScript archive (it holds code); pathseg loads only saved tensors")
     if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() not in (b"little", b""):
         raise UnreadableCheckpoint("saved on a big-endian machine; re-save it on a little-endian one")
+    if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+        raise UnreadableCheckpoint("it has compressed records, which torch.save never writes (a compressed record "
+                                   "can hold far more than its bytes on disk); re-save it with torch.save")
     return prefix
 
 
-def load_zip(path: Path) -> tuple[Any, list[str]]:
-    """The object a zip-format checkpoint holds, and the names that became placeholders."""
+def load_zip(path: Path, meta: bool = False) -> tuple[Any, list[str]]:
+    """The object a zip-format checkpoint holds, and the names that became placeholders; with `meta`, no record
+    but the pickle is read and the tensors are on the meta device."""
     with zipfile.ZipFile(path) as archive:
         prefix = zip_prefix(archive)
         storages: dict[str, torch.storage.TypedStorage] = {}
@@ -268,8 +306,10 @@ def load_zip(path: Path) -> tuple[Any, list[str]]:
                 if archive.getinfo(record).file_size != expected:
                     raise UnreadableCheckpoint(f"storage {key!r} holds {archive.getinfo(record).file_size} bytes, "
                                                f"its tensor needs {expected}")
-                data = archive.read(record)  # zipfile checks the record's CRC-32
+                data = b"" if meta else archive.read(record)  # zipfile checks the record's CRC-32
                 untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+                if meta:  # a size and no memory: the pickle is judged before any record is read
+                    untyped = torch.UntypedStorage(expected, device="meta")
                 storages[key] = _typed(untyped, kind.dtype)
             return storages[key]
 
@@ -283,8 +323,13 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
 
-def load_legacy(path: Path) -> tuple[Any, list[str]]:
-    """The object a legacy-format checkpoint holds; its storages follow the pickle, in the order of its keys."""
+def load_legacy(path: Path, meta: bool = False) -> tuple[Any, list[str]]:
+    """The object a legacy-format checkpoint holds; its storages follow the pickle, in the order of its keys.
+
+    The pickle states each storage's size before any of its bytes are read, so the sizes are checked against
+    the file's before anything is allocated: one by one, and in total (many storages each under the file's
+    size would still add up to any amount). With `meta`, the storages are not read and stay on the meta device.
+    """
     with path.open("rb") as handle:
         if handle.read(512)[257:262] == b"ustar":
             raise UnreadableCheckpoint("the tar format of torch < 0.4, which pathseg does not read; re-save it")
@@ -298,16 +343,21 @@ def load_legacy(path: Path) -> tuple[Any, list[str]]:
             raise UnreadableCheckpoint("saved on a big-endian machine; re-save it on a little-endian one")
         pending: dict[str, tuple[torch.storage.TypedStorage, int]] = {}
         file_size = path.stat().st_size
+        claimed = 0
 
         def storage(pid: tuple) -> torch.storage.TypedStorage:
+            nonlocal claimed
             _, kind, key, _location, numel, view = _storage_id(pid, 6)
             if view is not None:
                 raise UnreadableCheckpoint("storage views of torch < 1.0, which pathseg does not read; re-save it")
             if key not in pending:
                 nbytes = numel * kind.dtype.itemsize
-                if nbytes > file_size:  # checked before allocating: a flipped size must not take the memory
-                    raise UnreadableCheckpoint(f"storage {key!r} claims {nbytes} bytes, more than the whole file")
-                pending[key] = (_typed(torch.UntypedStorage(nbytes), kind.dtype), numel)
+                claimed += nbytes
+                if claimed > file_size:  # checked before allocating: a flipped size must not take the memory
+                    raise UnreadableCheckpoint(f"storage {key!r} brings its storages to {claimed} bytes, more "
+                                               "than the whole file")
+                untyped = torch.UntypedStorage(nbytes, device="meta" if meta else "cpu")
+                pending[key] = (_typed(untyped, kind.dtype), numel)
             elif pending[key][1] != numel:
                 raise UnreadableCheckpoint(f"storage {key!r} is given two sizes")
             return pending[key][0]
@@ -317,6 +367,8 @@ def load_legacy(path: Path) -> tuple[Any, list[str]]:
         keys = RestrictedUnpickler(handle).load()
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(pending):
             raise UnreadableCheckpoint("its storage table does not match its tensors")
+        if meta:
+            return result, unpickler.placeholders()
         for key in keys:
             typed, numel = pending[key]
             size = handle.read(8)
@@ -330,6 +382,10 @@ def load_legacy(path: Path) -> tuple[Any, list[str]]:
         return result, unpickler.placeholders()
 
 
-def load_restricted(path: Path) -> tuple[Any, list[str]]:
-    """Either format, read as data. Raises `UnreadableCheckpoint` (or the reader's own error) on a bad file."""
-    return load_zip(path) if zipfile.is_zipfile(path) else load_legacy(path)
+def load_restricted(path: Path, meta: bool = False) -> tuple[Any, list[str]]:
+    """Either format, read as data. Raises `UnreadableCheckpoint` (or the reader's own error) on a bad file.
+
+    `meta` reads only the pickle (tensors on the meta device, no memory for them): what torch's own loader
+    would be handed can be refused before it allocates storages at the sizes the pickle claims.
+    """
+    return load_zip(path, meta) if zipfile.is_zipfile(path) else load_legacy(path, meta)

@@ -20,7 +20,7 @@ from pathseg.train_head.ablation_grid import AblationPlan, plan_ablation, run_co
 from pathseg.train_head.ablation_plots import heatmap, lines
 from pathseg.train_head.evaluate import METRICS_VERSION, default_splits, evaluate_run
 from pathseg.train_head.fit import fit_head
-from pathseg.train_head.runs import default_run_dir, locate_store
+from pathseg.train_head.runs import Run, default_run_dir, load_run, locate_store
 
 from pathseg.config import PipelineConfig, config_to_dict
 from pathseg.errors import PathsegError
@@ -42,29 +42,31 @@ class AblationResult:
     computed_runs: int
 
 
-def _finished_run(run_dir: Path, store: FeatureStore) -> bool:
-    record = run_dir / "run.json"
-    if not (record.exists() and (run_dir / "head.safetensors").exists()):
-        return False
+def _finished_run(run_dir: Path, store: FeatureStore) -> Run | None:
+    """The run of this store in `run_dir`, if its record is current and its head is the one the record describes;
+    anything else (no run, an old record, a head of another fit) is fitted again, which replaces the folder."""
+    if not (run_dir / "run.json").exists():
+        return None
     try:
-        return json.loads(record.read_text()).get("store_fingerprint") == store.fingerprint
-    except (OSError, ValueError):
-        return False  # unreadable record: fit again, which rewrites it
+        run = load_run(run_dir)
+        run.head_bytes()
+    except PathsegError:
+        return None
+    return run if run.record.get("store_fingerprint") == store.fingerprint else None
 
 
-def _cached_scores(run_dir: Path, config: PipelineConfig, splits: list[str], store: FeatureStore) -> dict | None:
-    """The run's evaluate report, if it scored these splits of this store, by today's metric definitions, after
-    the head it holds was written."""
-    path = run_dir / "eval" / "metrics.json"
-    head = run_dir / "head.safetensors"
-    if not (path.exists() and head.exists()) or path.stat().st_mtime < head.stat().st_mtime:
+def _cached_scores(run: Run, config: PipelineConfig, splits: list[str], store: FeatureStore) -> dict | None:
+    """The run's evaluate report, if it scored these splits of this store, by today's metric definitions, with
+    the head the run holds now."""
+    path = run.directory / "eval" / "metrics.json"
+    if not path.exists():
         return None
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     same = (report.get("metrics_version") == METRICS_VERSION and report.get("store_fingerprint") == store.fingerprint
-            and report.get("blend") == config.evaluate.blend
+            and report.get("head_sha256") == run.record["head_sha256"] and report.get("blend") == config.evaluate.blend
             and report.get("min_object_area") == config.evaluate.min_object_area)
     return report["splits"] if same and all(split in report.get("splits", {}) for split in splits) else None
 
@@ -82,10 +84,11 @@ def _score_run(config: PipelineConfig, store: FeatureStore, cell, seed: int,
     cfg = run_config(config, cell, seed)
     pairs = list(cell.pairs)
     run_dir = default_run_dir(cfg, store, pairs)
-    cached = _cached_scores(run_dir, cfg, splits, store) if _finished_run(run_dir, store) else None
+    run = _finished_run(run_dir, store)
+    cached = _cached_scores(run, cfg, splits, store) if run is not None else None
     if cached is not None:
         return board.RunScore(cell, seed, run_dir, cached, computed=False)
-    if not _finished_run(run_dir, store):
+    if run is None:
         fit_head(cfg, store=store, pairs=pairs, run_dir=run_dir, show_progress=False, announce=False)
     report = evaluate_run(cfg, run_dir, splits=splits, store=store, show_progress=False, echo=False).metrics
     gc.collect()  # one head, loader and optimizer at a time: memory stays flat over the sweep
@@ -95,6 +98,11 @@ def _score_run(config: PipelineConfig, store: FeatureStore, cell, seed: int,
 def run_ablation(config: PipelineConfig, *, swept: dict[str, list[Any]] | None = None, store_path: Path | None = None,
                  out: Path | None = None, show_progress: bool = True) -> AblationResult:
     store = locate_store(config, store_path)
+    select_on = config.ablate.select_on
+    if select_on in board.OBJECT_METRICS and not store.has_instances:
+        raise PathsegError(f"ablate.select_on {select_on!r} (--select-on) needs gland instances and {store.path} has "
+                           "none: every cell would score nothing and the first would be chosen; use --select-on miou "
+                           "or mean_dice")
     plan = plan_ablation(config, store, swept or {})
     val_split = config.train.val_split
     if not any(entry.split == val_split for entry in store.images):
@@ -135,7 +143,7 @@ def _write_outputs(directory: Path, config: PipelineConfig, store: FeatureStore,
     selected = order[0]
     chosen = (f"Chosen on {val_split} {board.METRICS[select_on]} (mean over {len(plan.seeds)} seeds): "
               f"{selected.cell.name}")
-    atomic_write_text(directory / "leaderboard.csv", board.csv_numbers(order, [val_split, *test_splits], selected))
+    atomic_write_text(directory / "leaderboard.csv", board.csv_numbers(order, val_split, selected))
     atomic_write_text(directory / "leaderboard.md", "\n\n".join([
         "# Ablation leaderboard",
         f"Store `{store.path}` (fingerprint `{store.fingerprint[:12]}`), grid `{plan.grid}`, seeds {plan.seeds}. "

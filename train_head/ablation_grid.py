@@ -20,6 +20,7 @@ from pathseg.store import Z0_PAIR, FeatureStore, is_z0, pair_label
 
 SWEEPABLE_SECTIONS: dict[str, type[BaseModel]] = {"head": HeadConfig, "train": TrainConfig}
 GRID_FIXED = {"head.timesteps", "head.blocks", "train.seed"}  # set by the grid, --timesteps/--blocks and --seeds
+SPLIT_SETTINGS = {"train.train_split", "train.val_split"}  # one for the whole sweep: no cell trains/chooses on test
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ def sweep_axes(config: PipelineConfig, swept: dict[str, Any]) -> dict[str, list[
                                f"(the store fixes the rest)")
         if key in GRID_FIXED:
             raise PathsegError(f"ablate sweep {key!r}: set by the grid; use --timesteps, --blocks or --seeds")
+        if key in SPLIT_SETTINGS:
+            raise PathsegError(f"ablate sweep {key!r}: the splits are the same for every cell (a cell must not train "
+                               f"or be chosen on a test split); give one value, e.g. --set {key}=NAME")
         if not isinstance(values, list) or not values:
             raise PathsegError(f"ablate sweep {key!r}: give a list of values, e.g. {key}=[a, b]")
         axes[key] = list(dict.fromkeys(values)) if all(isinstance(v, str | int | float) for v in values) else values

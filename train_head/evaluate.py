@@ -115,6 +115,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     report = {
         "metrics_version": METRICS_VERSION,
         "run": str(run.directory),
+        "head_sha256": run.record.get("head_sha256"),  # which head these scores are of (ablate reuses them by it)
         "store": str(store.path),
         "store_fingerprint": store.fingerprint,
         "store_compute_precision": store.compute_precision,

@@ -4,6 +4,10 @@ The epoch is chosen on the validation images stitched and scored as `evaluate` s
 padded, overlapping tiles, where a GlaS pixel counts ~2.4 times and mirror padding is a third of the
 canvas), so the kept head is the one that maximises the reported figure.
 
+The run is written into a hidden folder beside its run directory and swapped in whole at the end, so a
+fit that is stopped (killed, out of memory, an error) leaves the previous run of that directory as it was,
+record and head together, instead of the old record next to a new epoch's head.
+
 Never opens a source image or builds the backbone, so an ablation costs minutes of CPU, not hours of GPU.
 """
 
@@ -13,6 +17,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,12 +28,17 @@ import torch
 from pathseg.train_head.heads import build_head
 from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.runs import (
+    EPOCH_SELECTION,
+    HEAD_FILE,
     RUN_SCHEMA,
     default_run_dir,
     extraction_identity,
+    file_sha256,
     locate_store,
+    publish_run,
     resolve_features,
     save_head,
+    staging_dir,
 )
 from pathseg.train_head.stitching import stitched_pixel_metrics
 from pathseg.train_head.tile_sources import decode_threads, plan_memory
@@ -111,8 +121,20 @@ def fit_head(
     val_tiles = store.tiles_of_splits([train.val_split])
     val_images = [i for i, entry in enumerate(store.images) if entry.split == train.val_split]
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config, store, pairs)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    staged = staging_dir(run_dir)
+    try:
+        return _fit_into(staged, run_dir, config, store, pairs, train_tiles, val_tiles, val_images, show_progress,
+                         announce)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # a stopped fit leaves the previous run as it was
+        raise
 
+
+def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, str]],
+              train_tiles: np.ndarray, val_tiles: np.ndarray, val_images: list[int], show_progress: bool,
+              announce: bool) -> FitResult:
+    """Train into `staged`, then swap it in for `run_dir`."""
+    train = config.train
     torch.manual_seed(train.seed)
     device = pick_device(train.device)
     in_channels = [store.feature_array(t, b).shape[1] for t, b in pairs]
@@ -190,7 +212,7 @@ def fit_head(
             history.append(row)
             if best_epoch < 0 or score > best_metric:
                 best_epoch, best_metric = epoch, score
-                save_head(head, run_dir / "head.safetensors")
+                save_head(head, staged / HEAD_FILE)
 
     record = {
         "schema": RUN_SCHEMA,
@@ -213,15 +235,18 @@ def fit_head(
         "best_epoch": best_epoch,
         "best_selection": "val_miou of stitched whole images, as evaluate scores them" if val_images
         else "train_loss (no validation images)",
+        "epoch_selection": EPOCH_SELECTION,
+        "head_sha256": file_sha256(staged / HEAD_FILE),
         "blend": config.evaluate.blend,
         "loader": memory.record(),  # how features were read: never changes a result
         "config": config_to_dict(config),
         "versions": software_versions(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
-    atomic_write_text(run_dir / "history.csv", _history_csv(history))
-    atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2))
+    atomic_write_text(staged / "history.json", json.dumps(history, indent=2))
+    atomic_write_text(staged / "history.csv", _history_csv(history))
+    atomic_write_text(staged / "run.json", json.dumps(record, indent=2))
+    publish_run(staged, run_dir)
     if announce:
         say(f"head trained on {len(train_tiles)} tiles x {len(pairs)} feature maps; best epoch {best_epoch}; "
             f"run {run_dir}")

@@ -17,6 +17,7 @@ import numpy as np
 from pathseg.train_head.ablation_grid import Cell
 
 METRICS = {"miou": "mIoU", "mean_dice": "Dice", "object_f1": "obj F1"}
+OBJECT_METRICS = {"object_f1"}  # only a store with instances (GlaS, synthetic) has them
 
 
 def metric_value(split_metrics: dict, key: str) -> float | None:
@@ -121,8 +122,13 @@ def plain(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def csv_numbers(order: list[CellSummary], splits: list[str], selected: CellSummary) -> str:
-    """The leaderboard as numbers (mean and std columns), for spreadsheets and plots of your own."""
+def csv_numbers(order: list[CellSummary], val_split: str, selected: CellSummary) -> str:
+    """The leaderboard as numbers (mean and std columns), for spreadsheets and plots of your own.
+
+    Validation only: every cell's test figures in the table people sort would invite choosing on them; they are
+    in test_all_cells.csv, and the chosen cell's in leaderboard.md and the printed table.
+    """
+    splits = [val_split]
     headers = ["cell", "features", "settings", "seeds", "selected"]
     headers += [f"{split}_{m}_{kind}" for split in splits for m in METRICS for kind in ("mean", "std")]
     rows = []

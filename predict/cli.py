@@ -54,6 +54,10 @@ def predict(
         bool, typer.Option("--trust-run", help="import the python: SSL encoder the run's record names (only for a "
                                                "run you trust: it runs that code)")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="predict again the inputs whose outputs in --out another run, head, "
+                                               "backbone, input file or settings made (they are refused otherwise)")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Segment new images and slides with a trained head: label map, QuPath GeoJSON, overlay, per-class areas."""
@@ -69,7 +73,7 @@ def predict(
                              scheduler=scheduler, show_progress=not quiet, mpp=mpp, object_type=object_type,
                              simplify=simplify, use_tissue_mask=not no_tissue_mask,
                              tissue_threshold=tissue_threshold, probabilities=probabilities,
-                             trust_checkpoint=trust_checkpoint, trust_run=trust_run)
+                             trust_checkpoint=trust_checkpoint, trust_run=trust_run, overwrite=overwrite)
     if summary.written:
         from pathseg.predict.command import area_table
 

@@ -1,4 +1,5 @@
-"""What predict leaves for each input: a label map, an overlay with a legend, and a per-class area table.
+"""What predict leaves for each input: a label map, an overlay with a legend, a per-class area table, and the
+record of what made them (`predict.json`: run, head, backbone, input and settings).
 
 Every file is written under a temporary name and renamed into place, so a file that exists is whole.
 """
@@ -7,14 +8,25 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pathseg.train_head.overlays import PALETTE, colourise
 from PIL import Image, ImageDraw
 
 from pathseg.files import atomic_write_bytes
+from pathseg.store import digest
+
+RECORD = "predict.json"  # beside areas.csv, written before it: what made the outputs, for a rerun to compare
+OUTPUTS_VERSION = 2  # what the files hold; 2: areas.csv counts slides by the tissue mask, GeoJSON merged exactly
+# What of a run record decides its labels; its time taken, loader and software versions do not.
+RUN_RESULT_KEYS = ("store_fingerprint", "store_compute_precision", "extraction", "pairs",
+                   "class_names", "head", "blend", "config")
+_run_identities: dict[tuple, dict] = {}
 
 
 def publish_directory(building: Path, final: Path) -> None:
@@ -69,21 +81,118 @@ def write_overlay(path: Path, rgb: np.ndarray, labels: np.ndarray, class_names: 
 
 
 def area_rows(labels: np.ndarray, class_names: list[str], mpp: float | None) -> list[dict]:
-    """Pixels, mm² (when the microns per pixel are known) and share of the image, per class."""
+    """Pixels, mm² (when the microns per pixel are known) and share of the whole image, per class."""
     counts = np.bincount(labels.ravel(), minlength=len(class_names))[: len(class_names)]
     total = max(int(labels.size), 1)
-    rows = []
-    for index, name in enumerate(class_names):
-        pixels = int(counts[index])
-        rows.append({"class": name, "pixels": pixels,
-                     "area_mm2": float(f"{pixels * (mpp / 1000.0) ** 2:.6g}") if mpp else "",
-                     "fraction": round(pixels / total, 6)})
-    return rows
+    return [{"class": name, "pixels": int(pixels), "area_mm2": _mm2(int(pixels), mpp),
+             "fraction_of_image": round(int(pixels) / total, 6)}
+            for name, pixels in zip(class_names, counts, strict=True)]
+
+
+def tissue_area_rows(inside: np.ndarray, outside: np.ndarray, class_names: list[str], mpp: float) -> list[dict]:
+    """Per class: pixels and mm² inside the tissue mask, their share of the tissue, and pixels outside it.
+
+    Counted by the mask, not by the label: pixels outside the tissue are labelled background (glass), and
+    counting them would make every class's share depend on how much glass the scan holds. The background
+    inside the tissue (lumen, gaps) stays a class like the others; values past the classes (255: no tissue
+    tile reached) are in no row.
+    """
+    tissue = int(inside[: len(class_names)].sum())
+    return [{"class": name, "pixels": int(inside[index]), "area_mm2": _mm2(int(inside[index]), mpp),
+             "fraction_of_tissue": round(int(inside[index]) / tissue, 6) if tissue else 0.0,
+             "outside_tissue_pixels": int(outside[index])} for index, name in enumerate(class_names)]
+
+
+def _mm2(pixels: int, mpp: float | None) -> float | str:
+    return float(f"{pixels * (mpp / 1000.0) ** 2:.6g}") if mpp else ""
+
+
+def fraction_of(row: dict) -> float:
+    """A row's share, of the tissue (slides) or of the image (plain images), from either kind of table."""
+    return float(row.get("fraction_of_tissue") or row.get("fraction_of_image") or 0.0)
 
 
 def write_area_table(path: Path, rows: list[dict]) -> None:
+    """The rows as CSV, columns in the rows' order; written last, it marks the input finished."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["class", "pixels", "area_mm2", "fraction"])
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["class", "pixels", "area_mm2"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def run_identity(run: Any, config: Any) -> dict:
+    """What of the run and its backbone decides the logits: the record's head digest (the head is checked
+    against it when loaded) and settings, and the backbone's weights by content or preset, not by path, so a
+    backbone that moved (`--backbone`) still matches. Hashed once per process."""
+    from pathseg.extract.backbone import backbone_fingerprint
+
+    b = config.backbone
+    key = (str(Path(run.directory).resolve()), run.record.get("head_sha256"), b.name, str(b.config), b.seed)
+    if key not in _run_identities:
+        weights = backbone_fingerprint(b.name, b.config, b.seed)
+        _run_identities[key] = {
+            "head_sha256": run.record.get("head_sha256"),
+            "run": digest({name: run.record.get(name) for name in RUN_RESULT_KEYS}),
+            "backbone": {k: v for k, v in weights.items() if k not in ("directory", "checkpoint")},
+        }
+    return _run_identities[key]
+
+
+def input_identity(path: Path, slide: bool) -> dict:
+    """An image by its bytes' sha256; a slide (gigabytes) by its size and time stamp, as its working store is."""
+    if slide:
+        stat = path.stat()
+        return {"name": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    import hashlib
+
+    return {"name": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def output_record(run: Any, config: Any, path: Path, slide: bool, options: Any) -> dict:
+    """Everything that changes an input's outputs; a rerun skips the input only when all of it is equal.
+    The device and worker count are left out: they change rounding, not what was asked."""
+    return {"outputs_version": OUTPUTS_VERSION, "run": run_identity(run, config),
+            "input": input_identity(path, slide), "settings": asdict(options)}
+
+
+OPTION_NAMES = {"mpp": "--mpp", "object_type": "--object-type", "simplify": "--simplify",
+                "use_tissue_mask": "--no-tissue-mask", "tissue_threshold": "--tissue-threshold",
+                "probabilities": "--probabilities"}
+
+
+def record_differences(found: dict | None, expected: dict) -> str:
+    """'' when `found` (a folder's record) equals `expected` in every part; otherwise what differs, in words."""
+    if found is not None and all(found.get(key) == value for key, value in expected.items()):
+        return ""
+    if found is None:
+        return "before pathseg recorded what made them (no readable predict.json)"
+    if found.get("outputs_version") != expected["outputs_version"]:
+        return f"by an older pathseg (outputs version {found.get('outputs_version')}, now {OUTPUTS_VERSION})"
+    reasons = []
+    run, ours = found.get("run") or {}, expected["run"]
+    parts = (("head_sha256", "by another head"), ("run", "by another run's settings"),
+             ("backbone", "with another backbone"))
+    for key, words in parts:
+        if run.get(key) != ours[key]:
+            reasons.append(words)
+    if found.get("input") != expected["input"]:
+        reasons.append("from another version of the input file")
+    settings, wanted = found.get("settings") or {}, expected["settings"]
+    changed = [OPTION_NAMES.get(k, "--" + k.replace("_", "-")) for k in sorted(set(settings) | set(wanted))
+               if settings.get(k) != wanted.get(k)]
+    if changed:
+        reasons.append("with other " + ", ".join(changed))
+    return ", ".join(reasons) or "with other settings"
+
+
+def read_record(folder: Path) -> dict | None:
+    try:
+        value = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_record(folder: Path, record: dict) -> None:
+    atomic_write_bytes(folder / RECORD, json.dumps(record, indent=2, sort_keys=True).encode())

@@ -2,8 +2,9 @@
 
 Outputs in `<out>/<stem>/`: `labels.ome.tif` (class index per pixel at the prediction mpp, pyramidal, with
 its physical pixel size), `regions.geojson` (level-0 coordinates), `overlay.png` (thumbnail | prediction),
-and `areas.csv` last, which marks the slide finished. The working store `.work.zarr` beside them holds the
-tile logits until then, so a killed run resumes where it stopped.
+and `areas.csv` last (counted inside and outside the tissue mask), which marks the slide finished. The
+working store `.work.zarr` beside them holds the tile logits until then, so a killed run resumes where it
+stopped, with the same head, backbone, slide and tiles only.
 """
 
 from __future__ import annotations
@@ -12,10 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from pathseg.predict.outputs import publish_directory, write_area_table, write_overlay
+from pathseg.predict.outputs import (
+    publish_directory,
+    run_identity,
+    tissue_area_rows,
+    write_area_table,
+    write_overlay,
+    write_record,
+)
 from pathseg.predict.predictor import Predictor
 from pathseg.predict.slide import NO_TISSUE, blend_labels, compute_tiles, plan_slide
-from pathseg.predict.slide_outputs import label_counts, labels_at, write_label_ome_tiff, write_slide_geojson
+from pathseg.predict.slide_outputs import (
+    labels_at,
+    tissue_label_counts,
+    write_label_ome_tiff,
+    write_slide_geojson,
+)
 from pathseg.predict.slide_work import SlideWork
 
 from pathseg.errors import PathsegError
@@ -45,7 +58,8 @@ def is_slide(path: Path) -> bool:
 
 def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: float | None,
                   use_tissue_mask: bool, tissue_threshold: float | None, object_type: str, simplify: float,
-                  show_progress: bool, probabilities: bool = False) -> dict:
+                  show_progress: bool, probabilities: bool = False, record: dict | None = None) -> dict:
+    """Predict the slide into `folder`; `record` (what made the outputs) is written just before the area table."""
     with Slide(path, mpp=slide_mpp) as slide:  # the file's own problems first
         if predictor.mpp is None:
             raise PathsegError(f"run {predictor.run.directory} does not know the resolution it was trained at "
@@ -54,9 +68,11 @@ def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: 
         folder.mkdir(parents=True, exist_ok=True)
         plan = plan_slide(slide, predictor, predictor.mpp, use_tissue_mask, tissue_threshold)
         logits_size = predictor.logits_size()
-        head = predictor.run.directory / "head.safetensors"
+        # The logits depend on the head's weights (by the digest the head was checked against when loaded,
+        # not its size and time stamp, which a copied head can share) and the backbone's, never on options
+        # that only shape the outputs, so a rerun with another --simplify still resumes.
         identity = {"run": str(predictor.run.directory.resolve()),
-                    "head": [head.stat().st_size, head.stat().st_mtime_ns],
+                    "weights": run_identity(predictor.run, predictor.config),
                     "run_store": predictor.run.record.get("store_fingerprint"), "slide": str(path.resolve()),
                     "slide_bytes": path.stat().st_size, "slide_mtime": path.stat().st_mtime_ns,
                     "slide_mpp": slide.mpp, "mpp": plan.mpp, "tiles": digest(plan.tissue_tiles.tolist()),
@@ -85,13 +101,13 @@ def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: 
         blend_labels(plan, work, predictor, labels, empty, chances)
         if chances is not None:
             publish_directory(folder / ".probabilities.zarr", folder / "probabilities.zarr")
-        _write_outputs(folder, path, slide, plan, labels, predictor, empty, object_type, simplify)
+        _write_outputs(folder, path, slide, plan, labels, predictor, empty, object_type, simplify, record)
     work.remove()
     return {"tiles": len(plan.tissue_tiles), "grid_tiles": len(plan.grid)}
 
 
 def _write_outputs(folder: Path, path: Path, slide: Slide, plan, labels: zarr.Array, predictor: Predictor,
-                   empty: int, object_type: str, simplify: float) -> None:
+                   empty: int, object_type: str, simplify: float, record: dict | None = None) -> None:
     names = predictor.class_names
     write_label_ome_tiff(folder / "labels.ome.tif", labels, plan.mpp, names)
     skip = {empty} | ({b} if (b := background_index_of(names)) is not None else set())
@@ -101,13 +117,10 @@ def _write_outputs(folder: Path, path: Path, slide: Slide, plan, labels: zarr.Ar
     thumbnail = plan.thumbnail
     small = labels_at(labels, thumbnail.shape[:2])
     write_overlay(folder / "overlay.png", thumbnail, np.where(small == NO_TISSUE, 0, small), names)
-    counts = label_counts(labels)
-    tissue = int(counts.sum() - (counts[NO_TISSUE] if empty == NO_TISSUE else 0))
-    rows = []
-    for index, name in enumerate(names):
-        pixels = int(counts[index])
-        rows.append({"class": name, "pixels": pixels, "area_mm2": float(f"{pixels * (plan.mpp / 1000.0) ** 2:.6g}"),
-                     "fraction": round(pixels / tissue, 6) if tissue else 0.0})
+    inside, outside = tissue_label_counts(labels, plan.mask)
+    rows = tissue_area_rows(inside, outside, names, plan.mpp)
+    if record is not None:
+        write_record(folder, record)
     write_area_table(folder / FINISHED_MARK, rows)
     shares = ", ".join(f"{row['class']} {row['area_mm2']:.3f} mm2" for row in rows)
     say(f"{path.name}: {shares} -> {folder}")

@@ -8,16 +8,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
-from pathseg.predict.geojson import NAMESPACE, write_geojson
+from pathseg.predict.geojson import region_features, write_geojson
 from rasterio.features import shapes
 from rasterio.transform import Affine
-from shapely.geometry import mapping, shape
+from shapely.geometry import shape
 from shapely.ops import unary_union
 
 OME_TILE = 256
@@ -71,37 +70,23 @@ def slide_features(labels: zarr.Array, class_names: list[str], *, slide_id: str,
                    level0_per_px: float, object_type: str, simplify: float, mpp: float) -> list[dict]:
     """One Feature per connected region per class over the whole slide, in level-0 pixels.
 
-    Polygonised a window of rows at a time (pixel edges, holes kept); the pieces of a region cut by a window
-    edge share that edge exactly, so their union is the region.
+    Polygonised a window of rows at a time (pixel edges, holes kept) in integer label pixels, each window
+    placed by an integer offset: the pieces of a region cut by a window edge share that edge exactly, so
+    their union is the region. Simplified and scaled to level-0 pixels only after the union (`mpp` is
+    microns per label pixel).
     """
-    from pathseg.predict.outputs import class_colour
-
     pieces: dict[int, list] = {}
     for top in range(0, labels.shape[0], WINDOW_ROWS):
         window = np.asarray(labels[top : top + WINDOW_ROWS])
-        transform = Affine(level0_per_px, 0.0, 0.0, 0.0, level0_per_px, top * level0_per_px)
-        for geometry, value in shapes(window, connectivity=4, transform=transform):
+        for geometry, value in shapes(window, connectivity=4, transform=Affine(1, 0, 0, 0, 1, top)):
             if int(value) not in skip and int(value) < len(class_names):
                 pieces.setdefault(int(value), []).append(shape(geometry))
-    features = []
+    regions = []
     for index in sorted(pieces):
         merged = unary_union(pieces[index])
-        polygons = list(getattr(merged, "geoms", [merged]))
-        for number, polygon in enumerate(polygons, start=1):
-            if simplify > 0:
-                polygon = polygon.simplify(simplify, preserve_topology=True)
-            if polygon.is_empty:
-                continue
-            area_um2 = polygon.area * (mpp / level0_per_px) ** 2
-            features.append({
-                "type": "Feature",
-                "id": str(uuid.uuid5(NAMESPACE, f"{slide_id}:{index}:{number}")),
-                "geometry": mapping(polygon),
-                "properties": {"objectType": object_type,
-                               "classification": {"name": class_names[index], "color": list(class_colour(index))},
-                               "measurements": {"Area µm^2": round(area_um2, 3)}},
-            })
-    return features
+        regions += [(index, polygon) for polygon in getattr(merged, "geoms", [merged])]
+    return region_features(regions, class_names, image_id=slide_id, scale=level0_per_px, offset=(0.0, 0.0),
+                           object_type=object_type, simplify=simplify, um_per_px=mpp)
 
 
 def write_slide_geojson(path: Path, labels: zarr.Array, class_names: list[str], **options) -> int:
@@ -110,12 +95,24 @@ def write_slide_geojson(path: Path, labels: zarr.Array, class_names: list[str], 
     return len(features)
 
 
-def label_counts(labels: zarr.Array, rows: int = WINDOW_ROWS) -> np.ndarray:
-    """Pixels of every label value 0..255, strip by strip."""
-    counts = np.zeros(256, dtype=np.int64)
-    for top in range(0, labels.shape[0], rows):
-        counts += np.bincount(np.asarray(labels[top : top + rows]).ravel(), minlength=256)
-    return counts
+def tissue_label_counts(labels: zarr.Array, mask: np.ndarray, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of every label value 0..255 inside and outside the tissue `mask`, strip by strip.
+
+    The mask spans the slide at any scale (the thumbnail's); each label pixel takes the mask value at its
+    centre, as the tiles on tissue were chosen.
+    """
+    height, width = labels.shape
+    rows = rows or WINDOW_ROWS
+    columns = np.minimum(((np.arange(width) + 0.5) * mask.shape[1] / width).astype(int), mask.shape[1] - 1)
+    inside, outside = np.zeros(256, dtype=np.int64), np.zeros(256, dtype=np.int64)
+    for top in range(0, height, rows):
+        strip = np.asarray(labels[top : top + rows])
+        mask_rows = np.minimum(((np.arange(top, top + strip.shape[0]) + 0.5) * mask.shape[0] / height).astype(int),
+                               mask.shape[0] - 1)
+        tissue = mask[np.ix_(mask_rows, columns)]
+        inside += np.bincount(strip[tissue], minlength=256)
+        outside += np.bincount(strip[~tissue], minlength=256)
+    return inside, outside
 
 
 def labels_at(labels: zarr.Array, shape_: tuple[int, int]) -> np.ndarray:

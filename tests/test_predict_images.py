@@ -168,3 +168,61 @@ def test_cli_prints_the_area_table(trained, tmp_path, monkeypatch, capsys):
     assert header.split() == ["input", "class", "pixels", "mm2", "share"]
     assert [row.split()[1] for row in rows] == store.class_names
     assert "predicted 1 inputs" in err
+
+
+def background_head(run_dir) -> None:
+    """Refit the run's head in place, as it were: same architecture, settings and file size, other weights
+    (background everywhere) and the record's digest of them, so only the weights tell the two heads apart."""
+    import hashlib
+
+    from safetensors.numpy import load_file, save_file
+
+    path = run_dir / "head.safetensors"
+    record = json.loads((run_dir / "run.json").read_text())
+    classes = len(record["class_names"])
+    weights = {key: value.copy() for key, value in load_file(path).items()}
+    biases = [key for key, value in weights.items() if key.endswith("bias") and value.shape == (classes,)]
+    assert biases, sorted(weights)
+    for key in biases:
+        weights[key][0] += 1000.0
+    size = path.stat().st_size
+    save_file(weights, path)
+    assert path.stat().st_size == size
+    record["head_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def test_outputs_of_another_head_or_other_settings_are_refused_until_overwrite(trained, tmp_path, monkeypatch,
+                                                                              capsys):
+    import hashlib
+    import shutil
+
+    _, store, run_dir = trained
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    Image.fromarray(store.image_rgb(0)).save(tmp_path / "x.png")
+    args = ["predict", str(run), str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--quiet"]
+    folder = tmp_path / "o" / "x"
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    first = np.asarray(Image.open(folder / "labels.png"))
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and "1 already done" in err, err  # same run, same settings: skipped
+
+    background_head(run)  # the head retrained into the same run directory
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2, f"a finished input of another head was skipped: {err!r}"
+    assert "x.png" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "labels.png")), first)  # nothing touched
+
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 0 and "predicted 1 inputs" in err, err
+    assert (np.asarray(Image.open(folder / "labels.png")) == 0).all()  # the new head's labels
+    record = json.loads((folder / "predict.json").read_text())
+    assert record["run"]["head_sha256"] == hashlib.sha256((run / "head.safetensors").read_bytes()).hexdigest()
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and "1 already done" in err, err
+
+    for other in (["--simplify", "2"], ["--object-type", "detection"], ["--probabilities"]):
+        code, _, err = run_cli(monkeypatch, capsys, *args, *other)
+        assert code == 2 and "--overwrite" in err, (other, err)

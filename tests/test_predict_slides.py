@@ -89,7 +89,9 @@ def test_slide_outputs_tissue_only_and_geojson_round_trip(glas_run, slide_path, 
         assert union == 0 or (truth & (back == 1)).sum() / union >= 0.99
     with (folder / "areas.csv").open() as handle:
         rows = {row["class"]: row for row in csv.DictReader(handle)}
-    assert sum(int(r["pixels"]) for r in rows.values()) == labels.size
+    assert sum(int(r["pixels"]) + int(r["outside_tissue_pixels"]) for r in rows.values()) == labels.size
+    assert 0 < int(rows["background"]["outside_tissue_pixels"]) < labels.size  # the glass, apart from the tissue
+    assert sum(float(r["fraction_of_tissue"]) for r in rows.values()) == pytest.approx(1.0, abs=1e-5)
     expected = int(rows["gland"]["pixels"]) * (GLAS_MPP / 1000) ** 2
     assert float(rows["gland"]["area_mm2"]) == pytest.approx(expected, rel=1e-5)
     assert Image.open(folder / "overlay.png").size[1] > 10
@@ -237,3 +239,42 @@ def test_kill_9_mid_slide_then_rerun_loses_at_most_the_batch_in_flight(glas_run,
     predict_images(glas_run, [str(slide)], tmp_path / "uninterrupted", show_progress=False)
     np.testing.assert_array_equal(tifffile.imread(out / "big" / "labels.ome.tif"),
                                   tifffile.imread(tmp_path / "uninterrupted" / "big" / "labels.ome.tif"))
+
+
+def test_a_working_store_of_another_head_is_not_resumed(glas_run, slide_path, tmp_path, monkeypatch):
+    """A head refit in place (same size; the time stamp put back, as a copy that keeps it does) must not resume
+    on tile logits of the old head."""
+    import os
+    import shutil
+
+    from tests.test_predict_images import background_head
+
+    run = tmp_path / "run"
+    shutil.copytree(glas_run, run)
+    seen = _count_tiles(monkeypatch)
+    real_write = SlideWork.write_batch
+
+    def die_after_one(self, batch, logits):
+        if self.group["done"][:].sum() == 1:
+            raise KeyboardInterrupt
+        return real_write(self, batch, logits)
+
+    monkeypatch.setattr(SlideWork, "write_batch", die_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        predict_images(run, [str(slide_path)], tmp_path / "out", show_progress=False)
+    import zarr
+
+    work = zarr.open_group(str(tmp_path / "out" / "case 1" / ".work.zarr"), mode="r")
+    total, done = work["tiles"].shape[0], int(np.asarray(work["done"][:]).sum())
+    assert done == 1 and total > int(work.attrs["batch_size"])
+    monkeypatch.setattr(SlideWork, "write_batch", real_write)
+    head = run / "head.safetensors"
+    stamp = head.stat()
+    background_head(run)
+    os.utime(head, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    seen.clear()
+    predict_images(run, [str(slide_path)], tmp_path / "out", show_progress=False)
+    with tifffile.TiffFile(tmp_path / "out" / "case 1" / "labels.ome.tif") as tif:
+        labels = tif.series[0].levels[0].asarray()
+    assert sum(seen) == total, f"resumed: {sum(seen)} of {total} tiles computed with the new head"
+    assert (labels == 0).all()  # the new head's labels everywhere

@@ -26,6 +26,9 @@ def predict(
         float | None, typer.Option("--mpp", help="microns per pixel of the images (default: the training mpp), "
                                                  "and level 0 of slides that record none (a slide's own wins)")
     ] = None,
+    force_mpp: Annotated[
+        bool, typer.Option("--force-mpp", help="slides: use --mpp even for slides that record their own")
+    ] = False,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")] = None,
     object_type: Annotated[
         str, typer.Option("--object-type", help="QuPath object type of the GeoJSON regions: annotation or detection")
@@ -70,7 +73,8 @@ def predict(
     if workers is not None and workers < 1:
         raise PathsegError(f"--workers {workers}: give 1 or more")
     summary = predict_images(run, inputs, out, backbone=backbone, device=device, workers=workers or 1,
-                             scheduler=scheduler, show_progress=not quiet, mpp=mpp, object_type=object_type,
+                             scheduler=scheduler, show_progress=not quiet, mpp=mpp, force_mpp=force_mpp,
+                             object_type=object_type,
                              simplify=simplify, use_tissue_mask=not no_tissue_mask,
                              tissue_threshold=tissue_threshold, probabilities=probabilities,
                              trust_checkpoint=trust_checkpoint, trust_run=trust_run, overwrite=overwrite)

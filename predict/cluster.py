@@ -3,7 +3,7 @@
 The same machinery as extraction (`extract/cluster.py`): a LocalCluster of `--workers` processes or the
 workers of a running scheduler. Each worker builds the run's predictor once and keeps it; each task
 predicts one image or slide into its own folder, so no two workers write the same file, and a rerun
-skips inputs whose outputs are finished (their area table exists).
+skips inputs whose outputs are finished by the same head and settings (see `predict.command`).
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ class PredictOptions:
     """How each input is predicted and written; the same for every input of a command."""
 
     mpp: float | None = None  # the inputs' resolution (a slide's level 0) when they do not say
+    force_mpp: bool = False  # slides: `mpp` even where the file records its own
     object_type: str = "annotation"
     simplify: float = 0.0
     use_tissue_mask: bool = True
@@ -92,7 +93,8 @@ def predict_one(path: Path, folder: Path, predictor: Predictor, options: Predict
     if not options.probabilities and (folder / "probabilities.zarr").exists():
         shutil.rmtree(folder / "probabilities.zarr")
     if slide:
-        predict_slide(path, folder, predictor, slide_mpp=options.mpp, use_tissue_mask=options.use_tissue_mask,
+        predict_slide(path, folder, predictor, slide_mpp=options.mpp, force_mpp=options.force_mpp,
+                      use_tissue_mask=options.use_tissue_mask,
                       tissue_threshold=options.tissue_threshold, object_type=options.object_type,
                       simplify=options.simplify, show_progress=show_progress, probabilities=options.probabilities,
                       record=record)

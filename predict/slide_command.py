@@ -56,11 +56,11 @@ def is_slide(path: Path) -> bool:
         return False
 
 
-def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: float | None,
+def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: float | None, force_mpp: bool = False,
                   use_tissue_mask: bool, tissue_threshold: float | None, object_type: str, simplify: float,
                   show_progress: bool, probabilities: bool = False, record: dict | None = None) -> dict:
     """Predict the slide into `folder`; `record` (what made the outputs) is written just before the area table."""
-    with Slide(path, mpp=slide_mpp) as slide:  # the file's own problems first
+    with Slide(path, mpp=slide_mpp, force_mpp=force_mpp) as slide:  # the file's own problems first
         if predictor.mpp is None:
             raise PathsegError(f"run {predictor.run.directory} does not know the resolution it was trained at "
                                f"(dataset {predictor.config.dataset.name!r}), so {path.name} cannot be read at "

@@ -278,3 +278,18 @@ def test_a_working_store_of_another_head_is_not_resumed(glas_run, slide_path, tm
         labels = tif.series[0].levels[0].asarray()
     assert sum(seen) == total, f"resumed: {sum(seen)} of {total} tiles computed with the new head"
     assert (labels == 0).all()  # the new head's labels everywhere
+
+
+def test_force_mpp_reads_a_slide_at_the_given_resolution_instead_of_its_own(glas_run, tmp_path, monkeypatch, capsys):
+    """`--mpp` alone never overrides a file's own µm/px (one line says they differ); `--force-mpp` does."""
+    blank = np.full((400, 500, 3), 245, dtype=np.uint8)
+    write_pyramid(tmp_path / "scan.tif", blank, mpp=0.5, levels=2, tile=128)
+    heights = {}
+    for flags, out in ((["--mpp", "0.25"], "own"), (["--mpp", "0.25", "--force-mpp"], "forced")):
+        code, _, err = run_cli(monkeypatch, capsys, "predict", str(glas_run), str(tmp_path / "scan.tif"), "--out",
+                               str(tmp_path / out), "--quiet", *flags)
+        assert code == 0, err
+        assert ("records 0.5 µm/px" in err) == (out == "own")
+        with tifffile.TiffFile(tmp_path / out / "scan" / "labels.ome.tif") as labels:
+            heights[out] = labels.pages[0].shape[0]  # at the training resolution, 0.62005 µm/px
+    assert heights == {"own": round(400 * 0.5 / GLAS_MPP), "forced": round(400 * 0.25 / GLAS_MPP)}

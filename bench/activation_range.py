@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 from _common import add_output_options, print_table, save_json, start
-from pathseg.extract.backbone import load_backbone
+from pathseg.extract.backbone_sources import load_backbone
 from pathseg.extract.blocks import FeatureCapture, block_table
 from pathseg.extract.precision import autocast_for
 from pathseg.extract.tiles import TileSource, plan_tiles, tile_noise

@@ -22,7 +22,7 @@ from pathseg.train_head.overlays import colourise
 from pathseg.train_head.runs import load_run
 from pathseg.train_head.stitching import stitched_logits
 
-from pathseg.metrics import ConfusionMatrix, background_index_of, pixel_metrics
+from pathseg.metrics.pixel import ConfusionMatrix, background_index_of, pixel_metrics
 from pathseg.store import FeatureStore
 
 BLENDS = ("mean", "gaussian")

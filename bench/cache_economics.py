@@ -38,7 +38,8 @@ from pathseg.extract.runner import run_extraction
 from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.tile_sources import InMemoryFeatures, ShardSource, decode_threads
 
-from pathseg.store import FeatureStore, feature_key, read_rows
+from pathseg.store import FeatureStore, feature_key
+from pathseg.store.disk import read_rows
 
 MB = 1e6
 

@@ -13,7 +13,7 @@ This benchmark takes one feature array (the largest of a store you name, or of a
 extracts with the tiny backbone from synthetic data), rewrites it under each layout with the
 store's codec (float16, zstd at the store's level), and reports per layout: bytes per tile on
 disk, files, write time per tile (shard by shard with an fsync each, as the runner writes), and
-read throughput for shuffled batches (`pathseg.store.read_rows`, as the stage-2 loader reads) and
+read throughput for shuffled batches (`pathseg.store.disk.read_rows`, as the stage-2 loader reads) and
 for batches in tile order (as evaluate reads). Reads are hot from the page cache: decode cost, not
 the disk.
 
@@ -34,8 +34,8 @@ import zarr
 from pathseg.extract.runner import run_extraction
 from zarr.codecs import ZstdCodec
 
-from pathseg.store import FeatureStore, feature_key, read_rows
-from pathseg.store_files import _fsync_file
+from pathseg.store import FeatureStore, feature_key
+from pathseg.store.disk import _fsync_file, read_rows
 
 DEFAULT_LAYOUT = (1, 16)  # (tiles per chunk, tiles per shard) that the store uses by default
 

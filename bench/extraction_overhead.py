@@ -43,8 +43,9 @@ import _common as common
 import torch
 from pathseg.extract import backbone as backbone_module
 from pathseg.extract import precision, runner
-from pathseg.extract.backbone import Backbone, load_backbone
+from pathseg.extract.backbone import Backbone
 from pathseg.extract.backbone_info import compute_per_tile
+from pathseg.extract.backbone_sources import load_backbone
 from pathseg.extract.tiles import TileSource, plan_tiles
 
 from pathseg.config import PipelineConfig
@@ -126,7 +127,7 @@ PROBES = [
     (runner, "_prepare_images", "image table (rgb, labels)"),
     (TileSource, "tiles", "tile cutting (reader thread)"),
     (runner, "tile_noise", "per-tile noise (reader thread)"),
-    (runner._Extractor, "features", "features() total"),
+    (runner.Extractor, "features", "features() total"),
     (Backbone, "encode", "  of which first-stage encode"),
     (FeatureStore, "write_shard", "shard writes (writer thread)"),
 ]

@@ -34,7 +34,8 @@ from typing import Any
 import _common as common
 import numpy as np
 import torch
-from pathseg.extract.backbone import Backbone, load_backbone
+from pathseg.extract.backbone import Backbone
+from pathseg.extract.backbone_sources import load_backbone
 from pathseg.extract.blocks import FeatureCapture
 from pathseg.extract.runner import run_extraction
 from pathseg.extract.tiles import TileSource, tile_noise
@@ -42,10 +43,10 @@ from pathseg.train_head.fit import fit_head, segmentation_loss
 from pathseg.train_head.head import SegmentationHead
 from pathseg.train_head.loader import StoreLoader
 
-from pathseg import store as store_module
 from pathseg.config import PipelineConfig
 from pathseg.datasets import build_dataset
 from pathseg.store import FeatureStore, ImageEntry, digest
+from pathseg.store import feature_store as store_module
 
 PRESETS = {
     # backbone: (seed images, image HxW, recompute tiles by default)

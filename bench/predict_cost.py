@@ -75,8 +75,8 @@ def bare_forwards(run_dir: Path, slide: Path) -> tuple[int, float]:
     """(tiles, seconds) of the model alone on the slide's tiles, read into memory beforehand."""
     from pathseg.predict.predictor import Predictor
 
-    from pathseg.slides import Slide
-    from pathseg.tiling import tile_grid
+    from pathseg.imaging.slides import Slide
+    from pathseg.imaging.tiling import tile_grid
 
     predictor = Predictor(run_dir)
     with Slide(slide) as opened:

@@ -129,7 +129,8 @@ class PartConfigs:
 
 def part_configs(name: str, config_path: Path | str | None = None) -> PartConfigs:
     """For any backbone setting: a preset, a diffusers directory, a project YAML, or a `.ckpt` with its YAML."""
-    from pathseg.extract.backbone import PAPER, TINY, unet_config_for
+    from pathseg.extract.backbone import PAPER, TINY
+    from pathseg.extract.backbone_sources import unet_config_for
 
     path = Path(name)
     yaml_path = None

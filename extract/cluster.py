@@ -186,7 +186,7 @@ def worker_precision(device_setting: str, autocast: str, dask_worker=None) -> st
 def extract_task(config: PipelineConfig, store_path: str, work: dict[int, dict[int, list[str]]],
                  threads: int | None) -> int:
     """On a worker: compute and write these shards; returns the number of tiles done."""
-    from pathseg.extract.runner import extract_shards
+    from pathseg.extract.extractor import extract_shards
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -203,8 +203,8 @@ def _extractor(config: PipelineConfig, device: torch.device):
     and the extractor's own lock serialises their forwards. The key covers every setting the extractor itself
     reads, so a task never runs on one made for other settings (the rest of the task's config travels with it).
     """
-    from pathseg.extract.backbone import load_backbone
-    from pathseg.extract.runner import _Extractor, prepare_for_device
+    from pathseg.extract.backbone_sources import load_backbone
+    from pathseg.extract.extractor import Extractor, prepare_for_device
 
     key = digest({"backbone": config.backbone.model_dump(mode="json"),
                   "conditioning": config.conditioning.model_dump(mode="json"),
@@ -215,7 +215,7 @@ def _extractor(config: PipelineConfig, device: torch.device):
             _worker_state.pop("extractor", None)
             b = config.backbone
             backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
-            _worker_state["extractor"] = _Extractor(prepare_for_device(backbone, device, config.extract.compile),
+            _worker_state["extractor"] = Extractor(prepare_for_device(backbone, device, config.extract.compile),
                                                     config, device,
                                                     allowed_code=config.conditioning.code_specs())  # the user's own
             _worker_state["extractor_key"] = key

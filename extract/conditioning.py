@@ -1,61 +1,23 @@
 """The cross-attention context for each tile: the null context, or SSL embeddings through the projector.
 
-SSL encoders are looked up by name in `SSL_ENCODERS`; each factory takes an optional local weights
+SSL encoders (`ssl_encoders.py`) are looked up by name in `SSL_ENCODERS`; each factory takes an optional local weights
 file and returns an `SSLEncoder` (a module mapping images in [0, 1] to embeddings, plus how it
 wants its input resized and normalised).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from pathseg.extract.backbone import SSLProjector
-from torch import nn
-from torch.nn import functional as F
+from pathseg.extract.hipt import NAME as HIPT_ENCODER  # noqa: F401 - registers hipt_vit_s16 by name
+from pathseg.extract.ssl_encoders import SSL_ENCODERS, SSLEncoder
+from pathseg.extract.ssl_plugins import is_plugin_spec, load_plugin_encoder
 
 from pathseg.config import ConditioningConfig
 from pathseg.errors import PathsegError
-from pathseg.registry import Registry
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class SSLEncoder:
-    """An embedding model and the input it expects; `identity` goes into the store's fingerprint."""
-
-    module: nn.Module
-    input_size: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    identity: str = ""
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Embeddings of (B, 3, H, W) images in [0, 1], resized and normalised as the encoder was trained."""
-        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
-            images = F.interpolate(
-                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
-            )
-        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = images.new_tensor(self.std).view(1, 3, 1, 1)
-        return self.module((images - mean) / std)
-
-
-# factory(weights, trust_checkpoint=False): weights is a local file or None; trust_checkpoint lets it unpickle in full.
-SSL_ENCODERS: Registry[Callable[..., SSLEncoder]] = Registry("SSL encoder")
-
-
-def weights_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Conditioning:
@@ -98,9 +60,6 @@ def _load_encoder(name: str, weights: Path | None, trust_checkpoint: bool, allow
     run record, store or backbone directory, which may come from someone else)."""
     if weights is not None and not Path(weights).is_file():
         raise PathsegError(f"SSL encoder weights {weights} do not exist; check conditioning.encoder_weights")
-    from pathseg.extract import hipt  # noqa: F401 - registers hipt_vit_s16 (it imports this module, so not at the top)
-    from pathseg.extract.ssl_plugins import is_plugin_spec, load_plugin_encoder
-
     if is_plugin_spec(name):
         if name.strip() not in allowed_code:
             raise PathsegError(

@@ -12,12 +12,12 @@ import math
 from pathlib import Path
 
 import torch
-from pathseg.extract.conditioning import SSL_ENCODERS, SSLEncoder, weights_digest
+from pathseg.extract.ssl_encoders import SSL_ENCODERS, SSLEncoder, weights_digest
 from torch import nn
 from torch.nn import functional as F
 
-from pathseg.checkpoint_loading import load_checkpoint
 from pathseg.errors import PathsegError
+from pathseg.loading.checkpoints import load_checkpoint
 
 NAME = "hipt_vit_s16"
 # HIPT's eval_transforms normalise with mean = std = 0.5 (images to [-1, 1]), not ImageNet statistics.

@@ -11,7 +11,6 @@ loading half-random weights.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,16 +22,19 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from pathseg.extract.backbone import Backbone, SSLProjector, file_digest
+from pathseg.extract.ldm_keys import (
+    COMPONENT_PREFIXES,
+    COND_PREFIX,
+    FIRST_STAGE_PREFIX,
+    UNET_PREFIX,
+    ldm_unet_key,
+    ldm_vq_key,
+)
 from pathseg.extract.ldm_yaml import backbone_configs_from_yaml, ldm_schedule_buffers, read_ldm_yaml
 from torch import nn
 
-from pathseg.checkpoint_loading import load_checkpoint
 from pathseg.errors import PathsegError
-
-UNET_PREFIX = "model.diffusion_model."
-FIRST_STAGE_PREFIX = "first_stage_model."
-COND_PREFIX = "cond_stage_model."
-COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "first_stage": FIRST_STAGE_PREFIX, "projector": COND_PREFIX}
+from pathseg.loading.checkpoints import load_checkpoint
 
 # `DDPM.register_schedule` buffers: all derived from betas, so all are checked against the YAML's schedule.
 SCHEDULE_BUFFERS = (
@@ -72,76 +74,6 @@ SHOWN = 5  # keys listed per problem kind in an error line
 # Key tables: the original name of every diffusers parameter, so problems are reported in the user's terms
 # --------------------------------------------------------------------------------------------------------
 
-_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-_VQ_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _resnet(rest: str, names: dict[str, str]) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{names.get(head, head)}.{tail}"
-
-
-def _ldm_unet_key(key: str, layers: int, attention_up: list[bool]) -> str:
-    """openaimodel's name for a diffusers UNet2DConditionModel parameter (input/middle/output_blocks numbering)."""
-    per = layers + 1
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    module, _, leaf = key.rpartition(".")
-    if module in fixed:
-        return f"{fixed[module]}.{leaf}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.0.{_resnet(m[3], _RESNET)}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.1.{m[3]}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2], _RESNET)}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * per + int(m[2])}.0.{_resnet(m[3], _RESNET)}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * per + int(m[2])}.1.{m[3]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        i = int(m[1])
-        return f"output_blocks.{i * per + layers}.{2 if attention_up[i] else 1}.conv.{m[2]}"
-    raise RuntimeError(f"pathseg has no original LDM name for diffusers UNet parameter {key!r}")
-
-
-def _ldm_vq_key(key: str, levels: int) -> str:
-    """The taming/LDM autoencoder's name for a diffusers VQModel parameter."""
-    if key.startswith(("quant_conv.", "post_quant_conv.", "quantize.")):
-        return key
-    part, _, rest = key.partition(".")
-    module, _, leaf = rest.rpartition(".")
-    if module in ("conv_in", "conv_out"):
-        return key
-    if module == "conv_norm_out":
-        return f"{part}.norm_out.{leaf}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
-        return f"{part}.down.{m[1]}.block.{m[2]}.{_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", rest):
-        return f"{part}.down.{m[1]}.downsample.conv.{m[2]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
-        level = levels - 1 - int(m[1])
-        return f"{part}.up.{level}.block.{m[2]}.{_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", rest):
-        return f"{part}.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", rest):
-        return f"{part}.mid.block_{int(m[1]) + 1}.{_resnet(m[2], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)\.(weight|bias)", rest):
-        if m[1] in _VQ_ATTENTION:
-            return f"{part}.mid.attn_1.{_VQ_ATTENTION[m[1]]}.{m[2]}"
-    raise RuntimeError(f"pathseg has no original LDM name for diffusers VQModel parameter {key!r}")
-
 
 @dataclass(frozen=True)
 class _Expected:
@@ -163,13 +95,13 @@ def expected_keys(configs: dict) -> dict[str, dict[str, _Expected]]:
     attention_up = [t.startswith("CrossAttn") for t in unet_cfg["up_block_types"]]
     layers = unet_cfg["layers_per_block"]
     unet = {
-        key: _Expected(UNET_PREFIX + _ldm_unet_key(key, layers, attention_up), shape)
+        key: _Expected(UNET_PREFIX + ldm_unet_key(key, layers, attention_up), shape)
         for key, shape in _meta_shapes(UNet2DConditionModel, unet_cfg).items()
     }
     levels = len(configs["first_stage"]["block_out_channels"])
     first_stage = {}
     for key, shape in _meta_shapes(VQModel, configs["first_stage"]).items():
-        original = FIRST_STAGE_PREFIX + _ldm_vq_key(key, levels)
+        original = FIRST_STAGE_PREFIX + ldm_vq_key(key, levels)
         if ".mid.attn_1." in original and original.endswith("weight") and len(shape) == 2:
             shape = (*shape, 1, 1)  # taming's attention uses 1x1 convolutions, diffusers linear layers
         first_stage[key] = _Expected(original, shape)
@@ -178,7 +110,6 @@ def expected_keys(configs: dict) -> dict[str, dict[str, _Expected]]:
         for key, shape in _meta_shapes(SSLProjector, configs["projector"]).items()
     }
     return {"unet": unet, "first_stage": first_stage, "projector": projector}
-
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -319,7 +250,7 @@ def _verified(converted: dict, subset: dict, expected: dict[str, _Expected], fun
 
 def read_checkpoint_state(path: Path | str, *, trust_checkpoint: bool = False) -> dict[str, Any]:
     """The `state_dict` of a Lightning checkpoint (or a bare state dict), loaded on the CPU as data only
-    unless the user trusts the file (see `pathseg.checkpoint_loading`)."""
+    unless the user trusts the file (see `pathseg.loading.checkpoints`)."""
     loaded = load_checkpoint(path, "the original LDM checkpoint (.ckpt)", trust=trust_checkpoint)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):

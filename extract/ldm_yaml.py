@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from pathseg.extract.backbone import unet_config, vq_config
 
-from pathseg.data_files import read_yaml
 from pathseg.errors import PathsegError
+from pathseg.loading.data_files import read_yaml
 
 BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
 PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}

@@ -17,7 +17,7 @@ import inspect
 import re
 from pathlib import Path
 
-from pathseg.extract.conditioning import IMAGENET_MEAN, IMAGENET_STD, SSLEncoder, weights_digest
+from pathseg.extract.ssl_encoders import IMAGENET_MEAN, IMAGENET_STD, SSLEncoder, weights_digest
 from torch import nn
 
 from pathseg.config import CODE_PREFIX

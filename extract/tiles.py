@@ -12,8 +12,8 @@ import torch
 
 from pathseg.datasets.base import ImageRecord
 from pathseg.errors import PathsegError
+from pathseg.imaging.tiling import TileGrid, tile_grid
 from pathseg.store import ImageEntry
-from pathseg.tiling import TileGrid, tile_grid
 
 
 def plan_tiles(records: list[ImageRecord], tile_size: int, stride: int) -> tuple[list[ImageEntry], np.ndarray]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pathseg.store.integrity import store_info
+
 
 def _size(n: int) -> str:
     value = float(n)
@@ -63,7 +65,7 @@ def store_list_table(paths: list[Path]) -> str:
     rows = []
     for path in paths:
         try:
-            info = FeatureStore.open(path).info()
+            info = store_info(FeatureStore.open(path))
         except Exception as error:  # noqa: BLE001 - one broken store must not hide the others
             rows.append([path.name, "?", "?", "?", "?", f"unreadable: {error}"])
             continue

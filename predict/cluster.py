@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pathseg.extract.cluster import ExtractionCluster, _distributed, wait_all, worker_device
-from pathseg.predict.command import PredictOptions
+from pathseg.predict.one_input import PredictOptions
 
 from pathseg.config import ExtractConfig
 from pathseg.progress import progress_bar
@@ -45,7 +45,7 @@ def predict_task(run_dir: str, path: str, folder: str, options: PredictOptions, 
                  device_setting: str, trust_checkpoint: bool = False, trust_run: bool = False) -> int:
     """On a worker: one input end to end; the predictor is built once per worker and shared by its threads (its
     extractor serialises their forwards)."""
-    from pathseg.predict.command import predict_one
+    from pathseg.predict.one_input import predict_one
     from pathseg.predict.predictor import Predictor
 
     device = str(worker_device(device_setting))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pathseg.datasets.base import open_image
 from pathseg.errors import PathsegError
-from pathseg.slides import SLIDE_ONLY_SUFFIXES
+from pathseg.imaging.slides import SLIDE_ONLY_SUFFIXES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 INPUT_SUFFIXES = IMAGE_SUFFIXES | SLIDE_ONLY_SUFFIXES

@@ -125,7 +125,7 @@ def run_identity(run: Any, config: Any) -> dict:
     """What of the run and its backbone decides the logits: the record's head digest (the head is checked
     against it when loaded) and settings, and the backbone's weights by content or preset, not by path, so a
     backbone that moved (`--backbone`) still matches. Hashed once per process."""
-    from pathseg.extract.backbone import backbone_fingerprint
+    from pathseg.extract.backbone_sources import backbone_fingerprint
 
     b = config.backbone
     key = (str(Path(run.directory).resolve()), run.record.get("head_sha256"), b.name, str(b.config), b.seed)

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pathseg.extract.backbone import load_backbone
+from pathseg.extract.backbone_sources import load_backbone
 from pathseg.extract.blocks import block_table
+from pathseg.extract.extractor import Extractor, prepare_for_device
 from pathseg.extract.precision import pick_device
-from pathseg.extract.runner import _Extractor, prepare_for_device
 from pathseg.extract.tiles import PaddedView, tile_noise
 from pathseg.train_head.runs import Run, load_run
 
 from pathseg.config import PRESET_BACKBONES, PipelineConfig
 from pathseg.errors import PathsegError
+from pathseg.imaging.tiling import Stitcher, tile_grid
 from pathseg.store import is_z0
-from pathseg.tiling import Stitcher, tile_grid
 
 AUTOCAST_OF_PRECISION = {"float32": "off", "bfloat16": "bfloat16", "float16": "float16"}
 GLAS_MPP = 0.62005
@@ -77,7 +77,7 @@ class Predictor:
         b = self.config.backbone
         built = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
         allowed = self.config.conditioning.code_specs() if trust_run else frozenset()
-        self.extractor = _Extractor(prepare_for_device(built, self.device, False), self.config, self.device,
+        self.extractor = Extractor(prepare_for_device(built, self.device, False), self.config, self.device,
                                     allowed_code=allowed)
         self.head = self.run.load_head(self.device)
         self.pairs = self.run.pairs

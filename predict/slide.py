@@ -20,8 +20,8 @@ from pathseg.predict.predictor import Predictor
 from pathseg.predict.slide_work import SlideWork
 from torch.nn import functional as F
 
-from pathseg.slides import Slide, tissue_mask
-from pathseg.tiling import TileGrid, tile_grid, tile_weights
+from pathseg.imaging.slides import Slide, tissue_mask
+from pathseg.imaging.tiling import TileGrid, tile_grid, tile_weights
 
 NO_TISSUE = 255  # label of pixels no tissue tile covered, when the classes have no background
 

@@ -32,9 +32,9 @@ from pathseg.predict.slide_outputs import (
 from pathseg.predict.slide_work import SlideWork
 
 from pathseg.errors import PathsegError
-from pathseg.metrics import background_index_of
+from pathseg.imaging.slides import SLIDE_ONLY_SUFFIXES, Slide
+from pathseg.metrics.pixel import background_index_of
 from pathseg.progress import progress_bar, say
-from pathseg.slides import SLIDE_ONLY_SUFFIXES, Slide
 from pathseg.store import digest
 
 FINISHED_MARK = "areas.csv"

@@ -71,7 +71,7 @@ class SlideWork:
         self.group["done"][batch] = 1
 
     def read(self, positions: np.ndarray) -> np.ndarray:
-        from pathseg.store import read_rows
+        from pathseg.store.disk import read_rows
 
         return read_rows(self.group["logits"], positions)
 

@@ -2,7 +2,7 @@
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts (weights, optimiser and EMA states,
 RNG states as byte tensors, loss histories as lists of floats), so it loads as data
-through `pathseg.checkpoint_loading`: a checkpoint file from elsewhere cannot run code. It is written to a
+through `pathseg.loading.checkpoints`: a checkpoint file from elsewhere cannot run code. It is written to a
 temporary file beside the old one, flushed to disk, then renamed over it, so the file on disk is
 always one whole checkpoint, the last good one.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from pathseg.checkpoint_loading import load_checkpoint as read_checkpoint
 from pathseg.errors import PathsegError
+from pathseg.loading.checkpoints import load_checkpoint as read_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1

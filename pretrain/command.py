@@ -36,9 +36,8 @@ from pathseg.pretrain.unet_phase import ssl_conditioning
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.files import atomic_write_text
-from pathseg.locking import store_lock
 from pathseg.progress import say
-from pathseg.store import PRETRAIN_RECORD
+from pathseg.store import PRETRAIN_RECORD, store_lock
 
 WORK_SUFFIX = ".pretraining"
 REDO_MARKER = "redoing.json"  # in the work directory while --overwrite redoes a finished backbone

@@ -23,8 +23,8 @@ from pathseg.config import PipelineConfig, PretrainConfig
 from pathseg.datasets import build_dataset
 from pathseg.datasets.base import digest_files
 from pathseg.errors import PathsegError
-from pathseg.slides import SLIDE_ONLY_SUFFIXES, Slide, tissue_mask
-from pathseg.tiling import TileGrid
+from pathseg.imaging.slides import SLIDE_ONLY_SUFFIXES, Slide, tissue_mask
+from pathseg.imaging.tiling import TileGrid
 
 SLIDE_SUFFIXES = SLIDE_ONLY_SUFFIXES | {".tif", ".tiff"}
 

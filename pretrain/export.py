@@ -28,7 +28,7 @@ from pathseg.pretrain.unet_phase import sample_images
 from pathseg.config import config_to_dict
 from pathseg.files import atomic_write_text
 from pathseg.store import PRETRAIN_RECORD, software_versions
-from pathseg.store_files import _fsync_dir, _fsync_tree
+from pathseg.store.disk import _fsync_dir, _fsync_tree
 
 RECORD_SCHEMA = 1
 HISTORY_FILE = "loss_history.json"

@@ -26,7 +26,8 @@ from pathseg.pretrain.data import crop_size
 from pathseg.pretrain.presets import phase_steps
 
 from pathseg.config import PipelineConfig
-from pathseg.store import canonical_json, digest
+from pathseg.store import digest
+from pathseg.store.identity import canonical_json
 
 # The identity before it held `settings` (a record's settings_key was the digest of these).
 LEGACY_KEYS = ("models", "data", "tiling", "conditioning", "seed", "first_stage_steps", "first_stage_crop")

@@ -13,7 +13,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from pathseg.extract.backbone import Backbone, FirstStage, SSLProjector
 from pathseg.extract.conditioning import Conditioning, build_conditioning
-from pathseg.extract.hipt import NAME as HIPT_ENCODER  # noqa: F401 - registers hipt_vit_s16 by name
 from torch.nn import functional as F
 
 from pathseg.config import ConditioningConfig

@@ -49,6 +49,18 @@ def extracted_small(tmp_path_factory):
     return config, summary.store
 
 
+@pytest.fixture(scope="module")
+def fitted_run(extracted_small, tmp_path_factory):
+    """A one-epoch head on the shared small store, in a run folder of the module's own: (config, run directory)."""
+    from pathseg.train_head.fit import fit_head
+
+    config, _ = extracted_small
+    config = config.model_copy(update={"runs_dir": tmp_path_factory.mktemp("runs")}, deep=True)
+    config.evaluate.overlays = 0
+    config.train.epochs = 1
+    return config, fit_head(config, show_progress=False).run_dir
+
+
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`pathseg ARGS` in-process, as the console script runs it: (exit code, stdout, stderr)."""
     import sys

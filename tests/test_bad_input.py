@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pathseg.store import FeatureStore, list_stores
+from pathseg.store.integrity import store_info
 from tests.conftest import run_cli, write_glas_fixture
 
 SMALL_YAML = Path(__file__).parent / "fixtures" / "ldm" / "small_only_ssl.yaml"
@@ -37,7 +38,7 @@ def fails_in_one_line(code: int, err: str, *expected: str) -> None:
 def nothing_marked_done_for(image_id: str) -> None:
     for path in list_stores(Path("cache")):
         store = FeatureStore.open(path)
-        assert not store.info()["complete"]
+        assert not store_info(store)["complete"]
         done = store.image_done()
         assert not any(done[i] for i, entry in enumerate(store.images) if entry.id == image_id)
 

@@ -312,7 +312,7 @@ def test_damaged_run_records_and_heads_are_refused_in_one_line(sweep, tmp_path, 
 def test_damaged_checkpoints_and_safetensors_are_refused_in_one_line(sweep, tmp_path):
     import torch
 
-    from tests.test_ldm_checkpoint import build_reference
+    from tests.extract.test_ldm_checkpoint import build_reference
 
     rng = np.random.default_rng(SEED)
     ldm_yaml = tmp_path / "narrow_only_ssl.yaml"  # the small test LDM, narrower still: a 5 MB checkpoint

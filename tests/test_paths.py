@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pathseg.store import FeatureStore, list_stores
+from pathseg.store.integrity import store_info
 from tests.conftest import run_cli, write_glas_fixture
 
 SMALL = ["--set", "tiling.tile_size=64", "--set", "tiling.stride=64", "--timesteps", "50", "--blocks", "up1",
@@ -45,7 +46,7 @@ def test_spaces_unicode_and_symlinks_work_end_to_end(here, monkeypatch, capsys):
                              str(root), *SMALL)
     assert code == 0, err
     (store,) = list_stores(here / "cache dir é")
-    assert FeatureStore.open(store).info()["complete"]
+    assert store_info(FeatureStore.open(store))["complete"]
     (record,) = runs_target.rglob("run.json")
     assert (record.parent / "eval" / "metrics.json").is_file()
     code, out, err = run_cli(monkeypatch, capsys, "cache", "verify", str(store), "--quiet")

@@ -12,7 +12,6 @@ import shutil
 import sys
 
 import pytest
-from pathseg.train_head.fit import fit_head
 
 from pathseg.config import ConditioningConfig
 from pathseg.errors import PathsegError
@@ -35,15 +34,6 @@ def canary(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(folder))
     yield sentinel
     sys.modules.pop(CANARY, None)
-
-
-@pytest.fixture(scope="module")
-def trained_run(extracted_small, tmp_path_factory):
-    config, _ = extracted_small
-    config = config.model_copy(update={"runs_dir": tmp_path_factory.mktemp("runs")}, deep=True)
-    config.evaluate.overlays = 0
-    config.train.epochs = 1
-    return config, fit_head(config, show_progress=False).run_dir
 
 
 def hostile_copy(run_dir, tmp_path, **conditioning) -> object:
@@ -72,10 +62,10 @@ def an_image(store_path, tmp_path):
     return image
 
 
-def test_predict_refuses_a_run_that_names_os_remove_and_deletes_nothing(trained_run, extracted_small, tmp_path,
+def test_predict_refuses_a_run_that_names_os_remove_and_deletes_nothing(fitted_run, extracted_small, tmp_path,
                                                                        monkeypatch, capsys):
     """The review's case: `python:os:remove` with a file as its weights deleted that file on predict."""
-    _, run_dir = trained_run
+    _, run_dir = fitted_run
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
     sent = hostile_copy(run_dir, tmp_path, encoder="python:os:remove", encoder_weights=str(victim))
@@ -87,11 +77,11 @@ def test_predict_refuses_a_run_that_names_os_remove_and_deletes_nothing(trained_
     assert victim.read_text() == "keep me"
 
 
-def test_predict_imports_nothing_a_run_names_unless_trusted(trained_run, extracted_small, canary, tmp_path,
+def test_predict_imports_nothing_a_run_names_unless_trusted(fitted_run, extracted_small, canary, tmp_path,
                                                            monkeypatch, capsys):
     from pathseg.predict.predictor import Predictor
 
-    _, run_dir = trained_run
+    _, run_dir = fitted_run
     sent = hostile_copy(run_dir, tmp_path, encoder=f"python:{CANARY}:build")
     image = an_image(extracted_small[1], tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "predict", str(sent), str(image), "--out", str(tmp_path / "out"),
@@ -106,9 +96,9 @@ def test_predict_imports_nothing_a_run_names_unless_trusted(trained_run, extract
     assert canary.exists() and predictor.extractor.conditioning.mode == "ssl"
 
 
-def test_evaluate_and_ablate_on_a_hostile_run_import_nothing(trained_run, canary, tmp_path, monkeypatch, capsys):
+def test_evaluate_and_ablate_on_a_hostile_run_import_nothing(fitted_run, canary, tmp_path, monkeypatch, capsys):
     """Stage 2 never builds the backbone, so a run record naming code is inert there: scored, nothing imported."""
-    _, run_dir = trained_run
+    _, run_dir = fitted_run
     sent = hostile_copy(run_dir, tmp_path, encoder=f"python:{CANARY}:build")
     code, out, err = run_cli(monkeypatch, capsys, "evaluate", str(sent), "--quiet")
     assert code == 0, err

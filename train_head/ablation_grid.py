@@ -117,7 +117,7 @@ def split_sweep_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], di
 
 
 def _scalar(text: str) -> Any:
-    from pathseg.yaml_io import load_settings_yaml
+    from pathseg.loading.settings_yaml import load_settings_yaml
 
     return load_settings_yaml(text)
 

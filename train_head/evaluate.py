@@ -20,7 +20,8 @@ from pathseg.train_head.tables import metrics_markdown, metrics_text
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.files import atomic_write_text
-from pathseg.metrics import ConfusionMatrix, GlandMetrics, background_index_of, instances_from_semantic, pixel_metrics
+from pathseg.metrics.objects import GlandMetrics
+from pathseg.metrics.pixel import ConfusionMatrix, background_index_of, instances_from_semantic, pixel_metrics
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore
 

@@ -3,7 +3,7 @@
 Speed. Every tile is its own zstd chunk inside 16-tile shards (`extract.tiles_per_shard`), so reading
 tiles one at a time pays per-chunk overhead on every tile. The loader instead decodes whole shards, in
 threads (`train.loader_threads`; zstd releases the GIL), with pathseg's own shard reader
-(`pathseg.shard_reads`), a window ahead of the batches that need them, and converts rows to float32
+(`pathseg.store.shard_reads`), a window ahead of the batches that need them, and converts rows to float32
 into a ring of reused batch buffers (pinned on CUDA, copied with non_blocking). When the selected
 arrays fit `train.memory_budget`, they are read once into RAM in the store's dtype and every epoch is
 served from there (`InMemoryFeatures`).

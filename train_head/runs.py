@@ -26,9 +26,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pathseg.config import PipelineConfig
-from pathseg.data_files import read_json_object
 from pathseg.errors import PathsegError
-from pathseg.store import Z0_BLOCK, Z0_PAIR, FeatureStore, digest, is_z0, store_path_for
+from pathseg.loading.data_files import read_json_object
+from pathseg.store import Z0_PAIR, FeatureStore, digest, is_z0, store_path_for
+from pathseg.store.names import Z0_BLOCK
 
 RUN_SCHEMA = 2  # 2: run.json holds head_sha256, the digest of the head.safetensors it describes
 HEAD_FILE = "head.safetensors"

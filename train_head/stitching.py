@@ -14,9 +14,9 @@ from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.tile_sources import InMemoryFeatures
 from torch import nn
 
-from pathseg.metrics import ConfusionMatrix, background_index_of, pixel_metrics
+from pathseg.imaging.tiling import Stitcher
+from pathseg.metrics.pixel import ConfusionMatrix, background_index_of, pixel_metrics
 from pathseg.store import FeatureStore
-from pathseg.tiling import Stitcher
 
 
 def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int, str]], images: list[int],

@@ -59,7 +59,7 @@ def _markdown(headers: list[str], rows: list[list[str]]) -> str:
 
 def _note(report: dict) -> str:
     """Say which means count background, and what convention the object metrics follow, for this report."""
-    from pathseg.metrics import background_index_of
+    from pathseg.metrics.pixel import background_index_of
 
     parts = ["mIoU and Dice average over classes present in truth or prediction"]
     if background_index_of(report["class_names"]) is None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pathseg.shard_reads import ShardRows
 from pathseg.store import FeatureStore
+from pathseg.store.shard_reads import ShardRows
 
 LABELS = "tiles/labels"
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from pathseg.config import BCSSOptions, DatasetConfig
-from pathseg.data_files import read_text
 from pathseg.datasets.base import (
     ImageRecord,
     SegmentationDataset,
@@ -30,6 +29,7 @@ from pathseg.datasets.base import (
     require_root,
 )
 from pathseg.errors import PathsegError
+from pathseg.loading.data_files import read_text
 
 IMAGE_DIR = "rgbs_colorNormalized"
 MASK_DIR = "masks"

@@ -22,7 +22,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pathseg.config import DatasetConfig, FolderOptions
-from pathseg.data_files import escapes_folder, read_csv_rows, read_yaml
 from pathseg.datasets.base import (
     ImageRecord,
     SegmentationDataset,
@@ -34,6 +33,7 @@ from pathseg.datasets.base import (
     require_root,
 )
 from pathseg.errors import PathsegError
+from pathseg.loading.data_files import escapes_folder, read_csv_rows, read_yaml
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from pathseg.config import DatasetConfig
-from pathseg.data_files import read_csv_rows
 from pathseg.datasets.base import (
     ImageRecord,
     SegmentationDataset,
@@ -24,6 +23,7 @@ from pathseg.datasets.base import (
     require_root,
 )
 from pathseg.errors import PathsegError
+from pathseg.loading.data_files import read_csv_rows
 
 IMAGE_NAME = re.compile(r"^(train|testA|testB)_(\d+)\.(bmp|png)$", re.IGNORECASE)
 OFFICIAL_SPLITS = ("train", "testA", "testB")

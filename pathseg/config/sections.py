@@ -1,0 +1,382 @@
+"""The pipeline's settings: one YAML drives both stages, and every key is checked.
+
+Unknown or mistyped keys fail instead of being ignored: a typo in an ablation config that silently
+falls back to a default would produce a wrong result that looks right.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pathseg.errors import PathsegError
+from pathseg.memory_budget import parse_size
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticOptions(Section):
+    """Sizes of the generated dataset; odd sizes on purpose, so padding and stitching are exercised."""
+
+    train: int = Field(8, ge=1)
+    val: int = Field(2, ge=0)
+    test: int = Field(4, ge=0)
+    height: int = Field(288, ge=32)
+    width: int = Field(352, ge=32)
+    seed: int = 0
+
+
+class GlaSOptions(Section):
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of train patients held out")
+    split_seed: int = 0
+
+
+BCSS_FIVE_CLASSES: dict[str, list[str]] = {
+    "tumor": ["tumor", "angioinvasion", "dcis"],
+    "stroma": ["stroma"],
+    "inflammatory": ["lymphocytic_infiltrate", "plasma_cells", "other_immune_infiltrate"],
+    "necrosis": ["necrosis_or_debris"],
+    "other": [
+        "glandular_secretions",
+        "blood",
+        "exclude",
+        "metaplasia_NOS",
+        "fat",
+        "mucoid_material",
+        "normal_acinus_or_duct",
+        "lymphatics",
+        "undetermined",
+        "nerve",
+        "skin_adnexa",
+        "blood_vessel",
+        "other",
+    ],
+}
+
+
+def _institution_codes(value: list[str]) -> list[str]:
+    codes = [code.strip().upper() for code in value]
+    bad = [code for code in codes if len(code) != 2 or not code.isalnum()]
+    if bad:
+        raise ValueError(f"{bad} are not TCGA tissue source site codes (two letters/digits, as in TCGA-XX-...)")
+    return list(dict.fromkeys(codes))
+
+
+class BCSSOptions(Section):
+    """The grouping is a table, not code: works disagree on where `exclude` and `undetermined` belong."""
+
+    mpp: float = Field(0.5, gt=0, description="microns per pixel the ROIs are resampled to")
+    native_mpp: float = Field(0.25, gt=0, description="source resolution when a file name has no _MPP-x tag")
+    resample: Literal["area", "bicubic", "lanczos"] = "area"
+    classes: dict[str, list[str]] = Field(
+        default_factory=lambda: copy.deepcopy(BCSS_FIVE_CLASSES),
+        description="output class -> gtruth_codes.tsv labels, in class-index order",
+    )
+    ignore: list[str] = Field(
+        ["outside_roi"], validate_default=True, description="labels that become the ignore index (don't care)"
+    )
+    test_institutions: list[str] = ["OL", "LL", "E2", "EW", "GM", "S3"]
+    val_institutions: list[str] = Field(["BH", "C8", "A8", "A1", "E9"], validate_default=True)
+
+    @field_validator("classes")
+    @classmethod
+    def _groups_valid(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not value:
+            raise ValueError("at least one class is needed")
+        if len(value) > 255:
+            raise ValueError(f"{len(value)} classes do not fit a uint8 label map with 255 as ignore index")
+        seen: dict[str, str] = {}
+        for name, labels in value.items():
+            if not labels:
+                raise ValueError(f"class {name!r} lists no labels")
+            for label in labels:
+                if label in seen and seen[label] != name:
+                    raise ValueError(f"label {label!r} is in both class {seen[label]!r} and class {name!r}")
+                seen[label] = name
+        return value
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_apart(cls, value: list[str], info: Any) -> list[str]:
+        grouped = {label for labels in info.data.get("classes", {}).values() for label in labels}
+        both = sorted(grouped & set(value))
+        if both:
+            raise ValueError(f"labels {both} are both in a class and in ignore; keep each in one place")
+        return value
+
+    @field_validator("test_institutions")
+    @classmethod
+    def _codes_valid(cls, value: list[str]) -> list[str]:
+        return _institution_codes(value)
+
+    @field_validator("val_institutions")
+    @classmethod
+    def _val_apart(cls, value: list[str], info: Any) -> list[str]:
+        codes = _institution_codes(value)
+        shared = sorted(set(codes) & set(info.data.get("test_institutions", [])))
+        if shared:
+            raise ValueError(f"institutions {shared} are in both val_institutions and test_institutions")
+        return codes
+
+
+class FolderOptions(Section):
+    """Paths are relative to dataset.root unless absolute; without a splits file the split is seeded."""
+
+    mpp: float | None = Field(None, gt=0, description="microns per pixel of the images, for predict on slides")
+    classes_file: Path = Path("classes.yaml")
+    splits_file: Path = Path("splits.csv")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of images held out for validation")
+    test_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, validate_default=True, description="share of images held out for test"
+    )
+    split_seed: int = 0
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_train(cls, value: float, info: Any) -> float:
+        if value + info.data.get("val_fraction", 0.0) >= 1.0:
+            raise ValueError("val_fraction + test_fraction must stay below 1 so some images train")
+        return value
+
+
+class DatasetConfig(Section):
+    name: str = "synthetic"
+    root: Path | None = None
+    splits: list[str] | None = None
+    synthetic: SyntheticOptions = SyntheticOptions()
+    glas: GlaSOptions = GlaSOptions()
+    bcss: BCSSOptions = BCSSOptions()
+    folder: FolderOptions = FolderOptions()
+
+
+class TilingConfig(Section):
+    tile_size: int = Field(256, ge=32)
+    stride: int = Field(192, ge=1)
+    pad_mode: Literal["reflect", "symmetric", "edge", "constant"] = "reflect"
+
+    @field_validator("tile_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"tile_size {value} must be a multiple of 32 (f4 latent, 3 UNet downsamplings)")
+        return value
+
+
+class BackboneConfig(Section):
+    name: str = "tiny"
+    config: Path | None = None
+    seed: int = 0
+    # Unpickle checkpoints (.ckpt, .pth) in full, which runs any code they carry. Off: their tensors are read as
+    # data (pathseg/loading/checkpoints.py). A permission, not a property of the weights: not in any store key.
+    trust_checkpoint: bool = False
+
+
+CODE_PREFIX = "python:"  # an SSL encoder named so is imported from an installed module
+
+
+class ConditioningConfig(Section):
+    mode: Literal["null", "ssl"] = "null"
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _null_is_a_mode(cls, value: Any) -> Any:
+        """`mode: null` unquoted (or `--set conditioning.mode=null`) reads as YAML's null: it means the mode."""
+        return "null" if value is None else value
+    encoder: str | None = None
+    encoder_weights: Path | None = None
+    region_encoder: str | None = None
+    region_encoder_weights: Path | None = None
+
+    def code_specs(self) -> frozenset[str]:
+        """The `python:` encoders this section names: code that building its conditioning would import.
+
+        Only a section the user wrote (their config or command line) may have these imported; a section read
+        back from a run record, store attrs or a backbone directory is checked against this set instead.
+        """
+        names = (self.encoder, self.region_encoder)
+        return frozenset(name.strip() for name in names if name and name.strip().startswith(CODE_PREFIX))
+
+
+class ExtractConfig(Section):
+    timesteps: list[int] = [50, 150, 250]
+    blocks: list[str] = ["up1", "up2.2", "up3.2"]
+    noise_seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+    autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    tiles_per_shard: int = Field(16, ge=1)
+    compile: bool = False
+    compression_level: int = Field(3, ge=1, le=22)
+    workers: int = Field(1, ge=1)
+    scheduler: str | None = None
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps_valid(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("at least one timestep is needed")
+        bad = [t for t in value if t < 0 or t > 999]
+        if bad:
+            raise ValueError(f"timesteps {bad} are outside the schedule's 0..999")
+        return sorted(set(value))
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one block is needed")
+        return value
+
+
+class HeadConfig(Section):
+    timesteps: list[int] | None = None
+    blocks: list[str] | None = None
+    width: int = Field(64, ge=4)
+    projection_width: int = Field(32, ge=1)
+    depth: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    kind: str = "conv"  # checked against train_head/heads.py when the head is built (config must not import it)
+    mlp_hidden: list[int] = Field([256, 128], min_length=1)
+    ensemble: int = Field(10, ge=1)
+    pixels_per_tile: int = Field(1024, ge=1)
+
+    @field_validator("mlp_hidden")
+    @classmethod
+    def _hidden_positive(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError(f"hidden sizes {value} must all be at least 1")
+        return value
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    loss: Literal["ce", "ce+dice"] = "ce+dice"
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    prefetch: int = Field(2, ge=0)
+    train_split: str = "train"
+    val_split: str = "val"
+    shuffle_window: int = Field(128, ge=1)  # tiles: a shuffled batch draws from this many tiles' shards
+    memory_budget: str | int = "auto"  # RAM for features served from memory; auto = half of what is available
+    loader_threads: int = Field(0, ge=0)  # shard-decoding threads; 0 = one per core, up to 4
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_is_a_size(cls, value: str | int) -> str | int:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return value
+        try:
+            parse_size(value)
+        except PathsegError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+
+class EvaluateConfig(Section):
+    splits: list[str] | None = None
+    blend: Literal["mean", "gaussian"] = "gaussian"  # 4x fewer seams on GlaS than mean (bench/blend_seams.py)
+    overlays: int = Field(4, ge=0)
+    min_object_area: int = Field(0, ge=0)
+
+
+class AblateConfig(Section):
+    """`pathseg ablate`: a grid of heads from one store, each repeated over seeds, selected on validation."""
+
+    timesteps: list[int] | None = None  # null = extract.timesteps
+    blocks: list[str] | None = None  # null = extract.blocks
+    grid: Literal["each", "pairs", "all"] = "each"
+    baseline: bool = True  # add a cell on z0 alone: the same head without diffusion
+    seeds: int = Field(3, ge=1)
+    sweep: dict[str, list[Any]] = {}  # head.* / train.* setting -> values, crossed with the feature cells
+    select_on: Literal["miou", "mean_dice", "object_f1"] = "miou"
+
+
+class PretrainConfig(Section):
+    """`pathseg pretrain`: the backbone itself, first stage then conditioned UNet, from unlabelled tiles.
+
+    Tiles are cut with the `tiling` section and conditioned with the `conditioning` section, so the
+    backbone is trained on exactly what extraction with the same config will show it.
+    """
+
+    preset: Literal["tiny", "small", "paper"] = "tiny"
+    unet_width: int | None = Field(None, ge=8)  # null = the preset's; smaller only for tests and smoke runs
+    first_stage_width: int | None = Field(None, ge=8)
+    first_stage: Literal["vq", "kl"] = "vq"
+    first_stage_crop: int | None = Field(128, ge=4)  # phase 1 trains on random crops this size; null = whole tiles
+    steps: int = Field(2000, ge=2)
+    first_stage_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    first_stage_steps: int | None = Field(None, ge=1)  # overrides first_stage_fraction; fixed when extending a run
+    batch_size: int = Field(8, ge=1)
+    lr_first_stage: float = Field(1e-4, gt=0)
+    lr_unet: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ssim_weight: float = Field(0.2, ge=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    condition_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)  # a cap: diffusers' warm-up decay is n/(n+9) at UNet step n
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoint: bool = True  # kept beside --out after the export, so a larger --steps extends the run
+    splits: list[str] = Field(["train"], min_length=1)
+    flips: bool = True
+    colour_jitter: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = 0
+    device: str = "auto"
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
+    samples: int = Field(8, ge=0)
+    sample_steps: int = Field(25, ge=1, le=1000)
+    reconstructions: int = Field(8, ge=0)
+    cached_images: int = Field(4, ge=1)
+    slides: Path | None = None
+    mpp: float = Field(0.5, gt=0)
+    level0_mpp: float | None = Field(None, gt=0)  # slides that record no mpp; a file's own value wins
+    force_level0_mpp: bool = False  # level0_mpp even for slides that record their own (mislabelled files)
+    tissue_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    min_tissue: float = Field(0.5, gt=0.0, le=1.0)
+
+    @field_validator("force_level0_mpp")
+    @classmethod
+    def _force_needs_a_value(cls, value: bool, info: Any) -> bool:
+        if value and info.data.get("level0_mpp") is None:
+            raise ValueError("force_level0_mpp is set but level0_mpp is not; give the mpp to force (--mpp with "
+                             "--force-mpp)")
+        return value
+
+    @field_validator("first_stage_crop")
+    @classmethod
+    def _crop_multiple_of_4(cls, value: int | None) -> int | None:
+        if value is not None and value % 4:
+            raise ValueError(
+                f"first_stage_crop {value} must be a multiple of 4 (the first stage's downsampling factor), or null "
+                "for whole tiles"
+            )
+        return value
+
+
+class PipelineConfig(Section):
+    cache_dir: Path = Path("cache")
+    runs_dir: Path = Path("runs")
+    dataset: DatasetConfig = DatasetConfig()
+    tiling: TilingConfig = TilingConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    conditioning: ConditioningConfig = ConditioningConfig()
+    extract: ExtractConfig = ExtractConfig()
+    head: HeadConfig = HeadConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    ablate: AblateConfig = AblateConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+
+
+PRESET_BACKBONES = ("tiny", "paper-random")
+
+

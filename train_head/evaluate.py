@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pathseg.train_head.contours import contour_fold, fold_prediction
 from pathseg.train_head.fit import pick_device
 from pathseg.train_head.overlays import save_overlay
 from pathseg.train_head.runs import Run, extraction_identity, load_run
@@ -85,7 +86,8 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
         raise PathsegError(f"{store.path} has no split(s) {unknown}; its splits are {store.splits()}")
     device = pick_device(config.train.device)
     head = run.load_head(device)
-    class_names = store.class_names
+    class_names = store.class_names  # scored on the store's classes: a contour head's contour folds back
+    fold = contour_fold(run.record)
     out_dir = run.directory / ("eval" if own_store else f"eval-{store.path.stem}")
     results: dict[str, dict] = {}
     images = store.images
@@ -97,7 +99,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
             stitched = stitched_logits(head, store, run.pairs, indices, device, config.train.batch_size,
                                        config.evaluate.blend, prefetch=config.train.prefetch)
             for rank, (index, logits) in enumerate(stitched):
-                prediction = logits.argmax(axis=0).astype(np.uint8)
+                prediction = fold_prediction(logits.argmax(axis=0).astype(np.uint8), fold)
                 truth = store.image_labels(index)
                 matrix.update(truth, prediction)
                 if glands is not None:

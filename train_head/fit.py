@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pathseg.train_head.contours import TileContours, check_target, contour_fold, run_class_names
 from pathseg.train_head.heads import build_head
 from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.runs import (
@@ -107,6 +108,7 @@ def fit_head(
     """Train one head; `store` (already open) and `pairs` (exact maps) let `ablate` run many without reopening,
     and `announce` False keeps a sweep's log to its own lines."""
     store = store if store is not None else locate_store(config, store_path)
+    check_target(config.head, store)
     if pairs is None:
         pairs = resolve_features(config, store)
     else:
@@ -138,7 +140,10 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
     torch.manual_seed(train.seed)
     device = pick_device(train.device)
     in_channels = [store.feature_array(t, b).shape[1] for t, b in pairs]
-    head = build_head(config.head.kind, in_channels, len(store.class_names), config.head.model_dump()).to(device)
+    class_names = run_class_names(store, config.head)
+    head = build_head(config.head.kind, in_channels, len(class_names), config.head.model_dump()).to(device)
+    contours = (TileContours.build(store, train_tiles, config.head.contour_width)
+                if config.head.target == "contour" else None)
     pixels = torch.Generator().manual_seed(train.seed)  # which pixels a sampling head trains on, reproducibly
     threads = decode_threads(train.loader_threads)
     memory = plan_memory(store, pairs, train_tiles, val_tiles, resolve_budget(train.memory_budget), threads)
@@ -155,6 +160,7 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
         threads=threads,
         memory=memory.train,
         device=device,
+        contours=contours,
     )
     optimizer = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     total_steps = train.epochs * len(loader)
@@ -162,6 +168,9 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
     ignore_index = store.ignore_index
+    # The head's classes; a contour head also records the class its contour folds into when scored.
+    record_classes = {"class_names": class_names, "head": config.head.model_dump(mode="json"),
+                      **({"contour_fold_class": contours.fold_class} if contours is not None else {})}
 
     history: list[dict] = []
     best_epoch, best_metric = -1, -math.inf
@@ -197,7 +206,8 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
                    "skipped_batches": skipped}
             if val_images:
                 metrics = stitched_pixel_metrics(head, store, pairs, val_images, device, train.batch_size,
-                                                 config.evaluate.blend, memory=memory.val, threads=threads)
+                                                 config.evaluate.blend, memory=memory.val, threads=threads,
+                                                 fold=contour_fold(record_classes))
                 row.update(
                     {
                         "val_pixel_accuracy": metrics["pixel_accuracy"],
@@ -224,10 +234,9 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
         "timesteps": list(dict.fromkeys(t for t, b in pairs if not is_z0(b))),
         "blocks": list(dict.fromkeys(b for _, b in pairs)),
         "in_channels": in_channels,
-        "class_names": store.class_names,
+        **record_classes,
         "ignore_index": ignore_index,
         "tile_size": store.tile_size,
-        "head": config.head.model_dump(mode="json"),
         "train": train.model_dump(mode="json"),
         "seed": train.seed,
         "train_tiles": int(len(train_tiles)),

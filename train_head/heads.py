@@ -69,9 +69,18 @@ KIND_SETTINGS: dict[str, set[str]] = {
 }
 
 
+# What the training target reads, for every kind. A semantic head leaves them out of its key entirely, so the
+# runs made before `head.target` existed keep their keys (and ablate reuses them); a contour head keys both.
+TARGET_SETTINGS = ("target", "contour_width")
+
+
 def keyed_settings(head: HeadConfig) -> dict[str, Any]:
     """`head` as a run key sees it: what the kind reads as set, everything else at HeadConfig's defaults."""
     defaults = HeadConfig().model_dump(mode="json")
     settings = head.model_dump(mode="json")
     ignored = set().union(*KIND_SETTINGS.values()) - KIND_SETTINGS.get(head.kind, set())
-    return {key: defaults[key] if key in ignored else value for key, value in settings.items()}
+    keyed = {key: defaults[key] if key in ignored else value for key, value in settings.items()}
+    if head.target == "semantic":
+        for key in TARGET_SETTINGS:
+            keyed.pop(key)
+    return keyed

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from pathseg.train_head.contours import TileContours
 from pathseg.train_head.tile_sources import DecodedShard, InMemoryFeatures, ShardSource, decode_threads
 
 from pathseg.store import FeatureStore
@@ -101,8 +102,10 @@ class StoreLoader:
         threads: int = 0,
         memory: InMemoryFeatures | None = None,
         device: torch.device | None = None,
+        contours: TileContours | None = None,
     ) -> None:
         self.store = store
+        self.contours = contours  # head.target=contour: the band marked into each tile's labels, rotated with them
         self.pairs = pairs
         self.tiles = np.asarray(tiles, dtype=np.int64)
         self.batch_size = batch_size
@@ -170,6 +173,9 @@ class StoreLoader:
                 out[:n] = array[rows]
             if self.with_labels:
                 labels[:n] = self.memory.labels[rows]
+                if self.contours is not None:
+                    for i, tile in enumerate(tiles.tolist()):
+                        self.contours.mark(labels[i], self.contours.band(tile))
             return Batch(tiles.copy(), [f[:n] for f in slot.features], slot.labels[:n])
         found = [rows_of(tile) for tile in tiles.tolist()]  # (shard or RAM rows, row) of each tile
         transforms = ops if ops is not None else [(0, False)] * n
@@ -178,6 +184,8 @@ class StoreLoader:
             if j == len(features):
                 for i, ((part, row), (k, flip)) in enumerate(zip(found, transforms, strict=True)):
                     labels[i] = dihedral(part.labels[row], k, flip)
+                    if self.contours is not None:
+                        self.contours.mark(labels[i], dihedral(self.contours.band(int(tiles[i])), k, flip))
                 return
             out = features[j]
             for i, ((part, row), (k, flip)) in enumerate(zip(found, transforms, strict=True)):

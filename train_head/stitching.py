@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from pathseg.train_head.contours import fold_prediction
 from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.tile_sources import InMemoryFeatures
 from torch import nn
@@ -54,10 +55,12 @@ def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int,
 
 def stitched_pixel_metrics(head: nn.Module, store: FeatureStore, pairs: list[tuple[int, str]],
                            images: list[int], device: torch.device, batch_size: int, blend: str,
-                           memory: InMemoryFeatures | None = None, threads: int = 0) -> dict:
-    """Pixel metrics of whole stitched images, pooled over `images`, exactly as evaluate computes them."""
+                           memory: InMemoryFeatures | None = None, threads: int = 0,
+                           fold: tuple[int, int] | None = None) -> dict:
+    """Pixel metrics of whole stitched images, pooled over `images`, exactly as evaluate computes them: on the
+    store's classes, a contour head's contour folded back (`fold`, see contours.py)."""
     matrix = ConfusionMatrix(len(store.class_names), store.ignore_index)
     for index, logits in stitched_logits(head, store, pairs, images, device, batch_size, blend, memory=memory,
                                          threads=threads):
-        matrix.update(store.image_labels(index), logits.argmax(axis=0).astype(np.uint8))
+        matrix.update(store.image_labels(index), fold_prediction(logits.argmax(axis=0).astype(np.uint8), fold))
     return pixel_metrics(matrix, store.class_names, background_index_of(store.class_names))

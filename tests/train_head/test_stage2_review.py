@@ -18,7 +18,7 @@ from pathseg.train_head.ablate import run_ablation
 from pathseg.train_head.ablation_grid import plan_ablation
 from pathseg.train_head.evaluate import evaluate_run
 from pathseg.train_head.fit import fit_head
-from pathseg.train_head.heads import KIND_SETTINGS
+from pathseg.train_head.heads import KIND_SETTINGS, TARGET_SETTINGS
 from pathseg.train_head.runs import default_run_dir, load_run
 from pydantic import BaseModel
 
@@ -61,13 +61,15 @@ def _other_value(section: type[BaseModel], name: str, value: Any) -> Any:
 
 def test_every_setting_that_changes_the_kept_head_is_in_the_run_key(extracted_small):
     """Epoch selection stitches val images with evaluate.blend, so blend is part of the key like lr or seed;
-    each new head/train/evaluate setting must either move the key or be declared here as not changing the head."""
+    each new head/train/evaluate setting must either move the key or be declared here as not changing the head.
+    A semantic head never reads the contour settings (head.contour_width), a contour head does, whatever its kind."""
     config, store_path = extracted_small
     store = FeatureStore.open(store_path)
     pairs = [(50, "up1")]
-    for kind, reads in KIND_SETTINGS.items():
+    for (kind, reads), target in [(kind, t) for kind in KIND_SETTINGS.items() for t in ("semantic", "contour")]:
         base = config.model_copy(deep=True)
-        base.head.kind = kind
+        base.head.kind, base.head.target = kind, target
+        unread = set(TARGET_SETTINGS) - {"target"} if target == "semantic" else set()
         reference = default_run_dir(base, store, pairs)
         ignored = set().union(*KIND_SETTINGS.values()) - reads  # settings this kind never reads
         for section_name in ("head", "train", "evaluate"):
@@ -80,8 +82,9 @@ def test_every_setting_that_changes_the_kept_head_is_in_the_run_key(extracted_sm
                         _other_value(type(section), name, getattr(section, name)))
                 moved = default_run_dir(changed, store, pairs) != reference
                 keyed = name not in NOT_IN_KEY.get(section_name, set()) and not (
-                    section_name == "head" and name in ignored)
-                assert moved == keyed, f"{kind} head: {section_name}.{name} {'is not' if keyed else 'is'} in the key"
+                    section_name == "head" and name in ignored | unread)
+                assert moved == keyed, (f"{kind} {target} head: {section_name}.{name} "
+                                        f"{'is not' if keyed else 'is'} in the key")
 
 
 def test_ablate_with_the_other_blend_trains_its_own_heads(extracted_small, tmp_path):

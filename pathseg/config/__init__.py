@@ -14,6 +14,7 @@ from pathseg.config.sections import (
     ExtractConfig,
     FolderOptions,
     HeadConfig,
+    InstancesConfig,
     PipelineConfig,
     PretrainConfig,
     SyntheticOptions,
@@ -22,6 +23,6 @@ from pathseg.config.sections import (
 
 __all__ = [
     "BCSS_FIVE_CLASSES", "CODE_PREFIX", "PRESET_BACKBONES", "BCSSOptions", "ConditioningConfig", "DatasetConfig",
-    "ExtractConfig", "FolderOptions", "HeadConfig", "PipelineConfig", "PretrainConfig", "SyntheticOptions",
-    "TrainConfig", "config_to_dict", "load_config", "parse_override", "with_absolute_paths",
+    "ExtractConfig", "FolderOptions", "HeadConfig", "InstancesConfig", "PipelineConfig", "PretrainConfig",
+    "SyntheticOptions", "TrainConfig", "config_to_dict", "load_config", "parse_override", "with_absolute_paths",
 ]

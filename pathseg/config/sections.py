@@ -245,6 +245,10 @@ class HeadConfig(Section):
     mlp_hidden: list[int] = Field([256, 128], min_length=1)
     ensemble: int = Field(10, ge=1)
     pixels_per_tile: int = Field(1024, ge=1)
+    # semantic: the store's classes | contour: plus a last class, a band of contour_width px inside every instance's
+    # boundary (DCAN), from the store's instance maps; scored with the band folded back into the gland class
+    target: Literal["semantic", "contour"] = "semantic"
+    contour_width: int = Field(3, ge=1)  # px at tile resolution, per instance: touching glands get 2x this apart
 
     @field_validator("mlp_hidden")
     @classmethod
@@ -287,6 +291,16 @@ class EvaluateConfig(Section):
     blend: Literal["mean", "gaussian"] = "gaussian"  # 4x fewer seams on GlaS than mean (bench/blend_seams.py)
     overlays: int = Field(4, ge=0)
     min_object_area: int = Field(0, ge=0)
+
+
+class InstancesConfig(Section):
+    """How a prediction becomes gland objects (pathseg/metrics/instances.py); pipeline.yaml says what each does."""
+
+    decoding: Literal["auto", "contour", "semantic"] = "auto"
+    marker_threshold: float = Field(0.5, ge=0.0, lt=1.0)
+    marker_erosion: int = Field(2, ge=0)
+    min_area: int = Field(100, ge=0)
+    fill_holes: bool = True
 
 
 class AblateConfig(Section):
@@ -373,6 +387,7 @@ class PipelineConfig(Section):
     head: HeadConfig = HeadConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    instances: InstancesConfig = InstancesConfig()
     ablate: AblateConfig = AblateConfig()
     pretrain: PretrainConfig = PretrainConfig()
 

@@ -17,12 +17,18 @@ SUMMARY_COLUMNS = [
     ("obj F1", "object F1", lambda m: _fmt(m.get("objects", {}).get("object_f1"))),
     ("obj Dice", "object Dice", lambda m: _fmt(m.get("objects", {}).get("object_dice"))),
     ("obj Hausdorff", "object Hausdorff (px)", lambda m: _fmt(m.get("objects", {}).get("object_hausdorff"), 2)),
+    ("inst F1", "object F1 (decoded)", lambda m: _fmt(m.get("objects_decoded", {}).get("object_f1"))),
+    ("inst Dice", "object Dice (decoded)", lambda m: _fmt(m.get("objects_decoded", {}).get("object_dice"))),
+    ("inst Hausdorff", "object Hausdorff (decoded, px)",
+     lambda m: _fmt(m.get("objects_decoded", {}).get("object_hausdorff"), 2)),
 ]
 
 
 def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     has_objects = any("objects" in m for m in report["splits"].values())
-    columns = [c for c in SUMMARY_COLUMNS if has_objects or not c[0].startswith("obj")]
+    has_decoded = any("objects_decoded" in m for m in report["splits"].values())
+    columns = [c for c in SUMMARY_COLUMNS
+               if (has_objects or not c[0].startswith("obj")) and (has_decoded or not c[0].startswith("inst"))]
     headers = ["split"] + [c[0] for c in columns]
     rows = [[split] + [c[2](m) for c in columns] for split, m in report["splits"].items()]
     return headers, rows
@@ -73,6 +79,11 @@ def _note(report: dict) -> str:
         note += (" Object metrics follow the GlaS contest: F1, object Dice and object Hausdorff are pooled over all "
                  "objects of the split (Dice and Hausdorff weighted by object area), as the contest and published "
                  "figures are; per-image means are in metrics.json under *_mean_of_images.")
+    decoding = (report.get("instances") or {}).get("decoding")
+    if decoding is not None and any("objects_decoded" in split for split in report["splits"].values()):
+        note += (" 'obj' columns score connected components of the predicted map; 'inst' columns score instances "
+                 f"decoded by instances.decoding={decoding} (contour heads: watershed from interior markers; "
+                 "otherwise components with holes filled), objects under instances.min_area dropped.")
     return note
 
 

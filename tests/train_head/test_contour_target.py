@@ -155,3 +155,32 @@ def test_contour_head_is_scored_on_store_classes(glas_contour_run):
     split = report["splits"]["testA"]
     assert set(split["per_class"]) == {"background", "gland"}
     assert split["miou"] is not None and "objects" in split
+
+
+def test_evaluate_reports_decoded_instances_beside_connected_components(glas_contour_run):
+    """Both decodings of one run, side by side: components of the map, and instances decoded from the contour."""
+    from pathseg.train_head.evaluate import evaluate_run
+    from pathseg.train_head.tables import metrics_text
+
+    config, store, fitted = glas_contour_run
+    result = evaluate_run(config, fitted.run_dir, store=store, show_progress=False, echo=False)
+    report = json.loads((result.directory / "metrics.json").read_text())
+    split = report["splits"]["testA"]
+    assert report["instances"]["decoding"] == "auto" and report["metrics_version"] == 3
+    for kind in ("objects", "objects_decoded"):
+        assert set(split[kind]) >= {"object_f1", "object_dice", "object_hausdorff"}
+    text = metrics_text(report)
+    assert "inst F1" in text and "obj F1" in text and "instances.decoding=auto" in text
+
+
+def test_a_contour_decoding_of_a_semantic_head_is_refused_in_one_line(glas_store, tmp_path):
+    from pathseg.train_head.evaluate import evaluate_run
+    from pathseg.train_head.fit import fit_head
+
+    config, store = glas_store
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"}, deep=True)
+    config.head.target = "semantic"
+    fitted = fit_head(config, store=store, show_progress=False)
+    config.instances.decoding = "contour"
+    with pytest.raises(PathsegError, match="instances: instances.decoding is contour but the head's classes"):
+        evaluate_run(config, fitted.run_dir, store=store, show_progress=False, echo=False)

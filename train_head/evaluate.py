@@ -110,14 +110,17 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
                 prediction = fold_prediction(logits.argmax(axis=0).astype(np.uint8), fold)
                 truth = store.image_labels(index)
                 matrix.update(truth, prediction)
+                truth_instances = decoded_instances = None
                 if glands is not None:
                     truth_instances = store.image_instances(index)
                     predicted = instances_from_semantic(prediction > 0, config.evaluate.min_object_area)
                     glands.update(truth_instances, predicted)
-                    decoded.update(truth_instances, _decoded(logits, run.record["class_names"], config))
+                    decoded_instances = _decoded(logits, run.record["class_names"], config)
+                    decoded.update(truth_instances, decoded_instances)
                 if rank < config.evaluate.overlays:
                     save_overlay(out_dir / "overlays" / split / f"{images[index].id}.png", store.image_rgb(index),
-                                 truth, prediction, len(class_names), store.ignore_index)
+                                 truth, prediction, len(class_names), store.ignore_index, truth_instances,
+                                 decoded_instances)
                 advance(1)
         split_metrics = pixel_metrics(matrix, class_names, background_index_of(class_names))
         split_metrics["images"] = len(indices)

@@ -20,6 +20,7 @@ from pathseg.train_head.ablation_grid import AblationPlan, plan_ablation, run_co
 from pathseg.train_head.ablation_plots import heatmap, lines
 from pathseg.train_head.evaluate import METRICS_VERSION, default_splits, evaluate_run
 from pathseg.train_head.fit import fit_head
+from pathseg.train_head.instance_choice import search_settings
 from pathseg.train_head.runs import Run, default_run_dir, load_run, locate_store
 
 from pathseg.config import PipelineConfig, config_to_dict
@@ -67,7 +68,7 @@ def _cached_scores(run: Run, config: PipelineConfig, splits: list[str], store: F
         return None
     same = (report.get("metrics_version") == METRICS_VERSION and report.get("store_fingerprint") == store.fingerprint
             and report.get("head_sha256") == run.record["head_sha256"] and report.get("blend") == config.evaluate.blend
-            and report.get("min_object_area") == config.evaluate.min_object_area)
+            and report.get("decoding_settings") == search_settings(config))
     return report["splits"] if same and all(split in report.get("splits", {}) for split in splits) else None
 
 

@@ -7,6 +7,9 @@ Object metrics are reported twice for one run, so the gain of the instance step 
 connected components of the predicted map (the baseline, `evaluate.min_object_area`), and
 `objects_decoded`, from instances decoded by `pathseg.metrics.instances` (`instances.*`: the watershed from
 interior markers for a contour head, components with holes filled and small objects dropped otherwise).
+The decoding's free values (marker threshold, both minimum areas) are chosen on the val split
+(`instances.tune`, train_head/instance_tuning.py), recorded in the run (`instances.json`), and used for every
+split scored and by predict.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from pathseg.train_head.contours import contour_fold, fold_prediction
 from pathseg.train_head.fit import pick_device
+from pathseg.train_head.instance_choice import decoding_settings, read_choice, search_settings, write_choice
+from pathseg.train_head.instance_tuning import DecodingSearch
 from pathseg.train_head.overlays import save_overlay
 from pathseg.train_head.runs import Run, extraction_identity, load_run
 from pathseg.train_head.stitching import stitched_logits
 from pathseg.train_head.tables import metrics_markdown, metrics_text
 
-from pathseg.config import PipelineConfig
+from pathseg.config import InstancesConfig, PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.files import atomic_write_text
 from pathseg.metrics.instances import decode_instances
@@ -34,9 +40,9 @@ from pathseg.store import FeatureStore
 
 # Bumped whenever a figure's definition changes (2: GlaS object metrics pooled over the split as the contest
 # pools them, strict > 50% F1 rule, Hausdorff pairing by minimum Hausdorff distance; 3: objects of decoded
-# instances beside connected components), so that cached scores made under an older definition are
-# recomputed, never mixed with new ones.
-METRICS_VERSION = 3
+# instances beside connected components; 4: decoding values chosen on val), so that cached scores made under an
+# older definition are recomputed, never mixed with new ones.
+METRICS_VERSION = 4
 
 
 def default_splits(store: FeatureStore, config: PipelineConfig) -> list[str]:
@@ -77,10 +83,11 @@ def open_scored_store(run: Run, store_path: Path | None) -> FeatureStore:
 
 def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] | None = None,
                  store_path: Path | None = None, show_progress: bool = True, store: FeatureStore | None = None,
-                 echo: bool = True) -> EvaluationResult:
+                 echo: bool = True, out_name: str | None = None) -> EvaluationResult:
     """Score a run on its own store, or (`store_path`) on another store extracted the same way.
 
-    `store` is the run's own store already open (ablate scores many runs of one store); `echo` prints the tables.
+    `store` is the run's own store already open (ablate scores many runs of one store); `echo` prints the tables;
+    `out_name` the folder in the run the reports go to (ablate keeps one per decoding setting it sweeps).
     """
     run = run if isinstance(run, Run) else load_run(run)
     if store is None or store.fingerprint != run.record["store_fingerprint"]:
@@ -95,7 +102,12 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     head = run.load_head(device)
     class_names = store.class_names  # scored on the store's classes: a contour head's contour folds back
     fold = contour_fold(run.record)
-    out_dir = run.directory / ("eval" if own_store else f"eval-{store.path.stem}")
+    out_dir = run.directory / (out_name or ("eval" if own_store else f"eval-{store.path.stem}"))
+    decoding, baseline_area, decoding_source = None, config.evaluate.min_object_area, "configured"
+    if store.has_instances:
+        if own_store:
+            _choose_on_val(run, config, store, head, device, show_progress)
+        decoding, baseline_area, decoding_source = decoding_settings(run, config)
     results: dict[str, dict] = {}
     images = store.images
     for split in splits:
@@ -113,9 +125,9 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
                 truth_instances = decoded_instances = None
                 if glands is not None:
                     truth_instances = store.image_instances(index)
-                    predicted = instances_from_semantic(prediction > 0, config.evaluate.min_object_area)
+                    predicted = instances_from_semantic(prediction > 0, baseline_area)
                     glands.update(truth_instances, predicted)
-                    decoded_instances = _decoded(logits, run.record["class_names"], config)
+                    decoded_instances = _decoded(logits, run.record["class_names"], decoding)
                     decoded.update(truth_instances, decoded_instances)
                 if rank < config.evaluate.overlays:
                     save_overlay(out_dir / "overlays" / split / f"{images[index].id}.png", store.image_rgb(index),
@@ -140,8 +152,10 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
         "class_names": class_names,
         "ignore_index": store.ignore_index,
         "blend": config.evaluate.blend,
-        "min_object_area": config.evaluate.min_object_area,
-        "instances": config.instances.model_dump(mode="json") if store.has_instances else None,
+        "min_object_area": baseline_area,
+        "instances": decoding.model_dump(mode="json") if decoding is not None else None,
+        "instances_source": decoding_source if decoding is not None else None,
+        "decoding_settings": search_settings(config),  # what ablate compares before reusing these scores
         "splits": results,
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
@@ -152,12 +166,44 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     return EvaluationResult(out_dir, report)
 
 
-def _decoded(logits: np.ndarray, class_names: list[str], config: PipelineConfig) -> np.ndarray:
-    """The image's gland instances as `instances.*` decodes them, from the head's own classes (contour included)."""
-    shifted = logits - logits.max(axis=0, keepdims=True)
-    probabilities = np.exp(shifted)
-    probabilities /= probabilities.sum(axis=0, keepdims=True)
+def _choose_on_val(run: Run, config: PipelineConfig, store: FeatureStore, head: torch.nn.Module, device: torch.device,
+                   show_progress: bool) -> None:
+    """Search the decoding grids on the val split and record the choice, unless this head already has one."""
+    val_split = config.train.val_split
+    if not config.instances.tune or read_choice(run, config) is not None:
+        return
+    indices = [i for i, entry in enumerate(store.images) if entry.split == val_split]
+    if not indices:
+        say(f"instances.tune: {store.path} has no {val_split!r} images to choose the decoding on; using the "
+            "configured instances.* and evaluate.min_object_area")
+        return
+    search = DecodingSearch(config.instances)
+    class_names = list(run.record["class_names"])
+    fold = contour_fold(run.record)
+    with progress_bar(f"choose decoding on {val_split}", len(indices), "images", show_progress) as advance:
+        for index, logits in stitched_logits(head, store, run.pairs, indices, device, config.train.batch_size,
+                                             config.evaluate.blend, prefetch=config.train.prefetch):
+            prediction = fold_prediction(logits.argmax(axis=0).astype(np.uint8), fold)
+            try:
+                search.update(_softmax(logits), class_names, prediction, store.image_instances(index))
+            except ValueError as error:
+                raise PathsegError(f"instances: {error}") from None
+            advance(1)
+    chosen, scores = search.choice()
+    write_choice(run, config, chosen, scores)
+    say(f"decoding chosen on {val_split} (object F1): marker_threshold {chosen['marker_threshold']}, min_area "
+        f"{chosen['min_area']} (F1 {chosen['decoded_val_f1']:.3f}); connected components min area "
+        f"{chosen['baseline_min_area']} (F1 {chosen['baseline_val_f1']:.3f}) -> {run.directory / 'instances.json'}")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return shifted / shifted.sum(axis=0, keepdims=True)
+
+
+def _decoded(logits: np.ndarray, class_names: list[str], settings: InstancesConfig) -> np.ndarray:
+    """The image's gland instances as `settings` decode them, from the head's own classes (contour included)."""
     try:
-        return decode_instances(probabilities, list(class_names), config.instances)
+        return decode_instances(_softmax(logits), list(class_names), settings)
     except ValueError as error:
         raise PathsegError(f"instances: {error}") from None

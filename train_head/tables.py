@@ -83,7 +83,11 @@ def _note(report: dict) -> str:
     if decoding is not None and any("objects_decoded" in split for split in report["splits"].values()):
         note += (" 'obj' columns score connected components of the predicted map; 'inst' columns score instances "
                  f"decoded by instances.decoding={decoding} (contour heads: watershed from interior markers; "
-                 "otherwise components with holes filled), objects under instances.min_area dropped.")
+                 "otherwise components with holes filled).")
+        instances = report["instances"]
+        note += (f" Decoding values ({report.get('instances_source', 'configured')}): components under "
+                 f"{report.get('min_object_area')} px dropped; instances under {instances.get('min_area')} px "
+                 f"dropped, marker threshold {instances.get('marker_threshold')}.")
     return note
 
 

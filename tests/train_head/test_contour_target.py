@@ -159,14 +159,14 @@ def test_contour_head_is_scored_on_store_classes(glas_contour_run):
 
 def test_evaluate_reports_decoded_instances_beside_connected_components(glas_contour_run):
     """Both decodings of one run, side by side: components of the map, and instances decoded from the contour."""
-    from pathseg.train_head.evaluate import evaluate_run
+    from pathseg.train_head.evaluate import METRICS_VERSION, evaluate_run
     from pathseg.train_head.tables import metrics_text
 
     config, store, fitted = glas_contour_run
     result = evaluate_run(config, fitted.run_dir, store=store, show_progress=False, echo=False)
     report = json.loads((result.directory / "metrics.json").read_text())
     split = report["splits"]["testA"]
-    assert report["instances"]["decoding"] == "auto" and report["metrics_version"] == 3
+    assert report["instances"]["decoding"] == "auto" and report["metrics_version"] == METRICS_VERSION
     for kind in ("objects", "objects_decoded"):
         assert set(split[kind]) >= {"object_f1", "object_dice", "object_hausdorff"}
     text = metrics_text(report)

@@ -56,10 +56,18 @@ def _finished_run(run_dir: Path, store: FeatureStore) -> Run | None:
     return run if run.record.get("store_fingerprint") == store.fingerprint else None
 
 
-def _cached_scores(run: Run, config: PipelineConfig, splits: list[str], store: FeatureStore) -> dict | None:
+def _eval_name(cell) -> str:
+    """The run's folder for this cell's scores: cells that sweep instances.* share the run (the same head) but
+    not its scores, so each decoding setting keeps its own report and a rerun reuses every one of them."""
+    decoding = {key: value for key, value in cell.settings if key.startswith("instances.")}
+    return f"eval-{digest(decoding)[:8]}" if decoding else "eval"
+
+
+def _cached_scores(run: Run, config: PipelineConfig, splits: list[str], store: FeatureStore,
+                   eval_name: str = "eval") -> dict | None:
     """The run's evaluate report, if it scored these splits of this store, by today's metric definitions, with
     the head the run holds now."""
-    path = run.directory / "eval" / "metrics.json"
+    path = run.directory / eval_name / "metrics.json"
     if not path.exists():
         return None
     try:
@@ -86,12 +94,14 @@ def _score_run(config: PipelineConfig, store: FeatureStore, cell, seed: int,
     pairs = list(cell.pairs)
     run_dir = default_run_dir(cfg, store, pairs)
     run = _finished_run(run_dir, store)
-    cached = _cached_scores(run, cfg, splits, store) if run is not None else None
+    eval_name = _eval_name(cell)
+    cached = _cached_scores(run, cfg, splits, store, eval_name) if run is not None else None
     if cached is not None:
         return board.RunScore(cell, seed, run_dir, cached, computed=False)
     if run is None:
         fit_head(cfg, store=store, pairs=pairs, run_dir=run_dir, show_progress=False, announce=False)
-    report = evaluate_run(cfg, run_dir, splits=splits, store=store, show_progress=False, echo=False).metrics
+    report = evaluate_run(cfg, run_dir, splits=splits, store=store, show_progress=False, echo=False,
+                          out_name=eval_name).metrics
     gc.collect()  # one head, loader and optimizer at a time: memory stays flat over the sweep
     return board.RunScore(cell, seed, run_dir, report["splits"], computed=True)
 

@@ -14,11 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pathseg.config import HeadConfig, PipelineConfig, TrainConfig
+from pathseg.config import HeadConfig, InstancesConfig, PipelineConfig, TrainConfig
 from pathseg.errors import PathsegError
 from pathseg.store import Z0_PAIR, FeatureStore, is_z0, pair_label
 
-SWEEPABLE_SECTIONS: dict[str, type[BaseModel]] = {"head": HeadConfig, "train": TrainConfig}
+# instances.* change how a head's output becomes objects, not the head: cells that differ only there share runs
+SWEEPABLE_SECTIONS: dict[str, type[BaseModel]] = {"head": HeadConfig, "train": TrainConfig,
+                                                  "instances": InstancesConfig}
 GRID_FIXED = {"head.timesteps", "head.blocks", "train.seed"}  # set by the grid, --timesteps/--blocks and --seeds
 SPLIT_SETTINGS = {"train.train_split", "train.val_split"}  # one for the whole sweep: no cell trains/chooses on test
 
@@ -72,7 +74,7 @@ def sweep_axes(config: PipelineConfig, swept: dict[str, Any]) -> dict[str, list[
         section_name, _, name = key.partition(".")
         section = SWEEPABLE_SECTIONS.get(section_name)
         if section is None or name not in section.model_fields:
-            raise PathsegError(f"ablate sweep {key!r}: only head.* and train.* settings can be swept "
+            raise PathsegError(f"ablate sweep {key!r}: only head.*, train.* and instances.* settings can be swept "
                                f"(the store fixes the rest)")
         if key in GRID_FIXED:
             raise PathsegError(f"ablate sweep {key!r}: set by the grid; use --timesteps, --blocks or --seeds")

@@ -16,14 +16,17 @@ from pathlib import Path
 import numpy as np
 from pathseg.train_head.ablation_grid import Cell
 
-METRICS = {"miou": "mIoU", "mean_dice": "Dice", "object_f1": "obj F1"}
-OBJECT_METRICS = {"object_f1"}  # only a store with instances (GlaS, synthetic) has them
+# obj F1: connected components of the predicted map; inst F1: instances decoded by pathseg.metrics.instances (the
+# watershed from interior markers for a contour head), each with its own val-chosen minimum area
+METRICS = {"miou": "mIoU", "mean_dice": "Dice", "object_f1": "obj F1", "inst_f1": "inst F1"}
+OBJECT_METRICS = {"object_f1", "inst_f1"}  # only a store with instances (GlaS, synthetic) has them
+_OBJECT_SOURCES = {"object_f1": "objects", "inst_f1": "objects_decoded"}
 
 
 def metric_value(split_metrics: dict, key: str) -> float | None:
     """One figure of an evaluate report's split; None where the split has no such figure (no objects)."""
-    if key == "object_f1":
-        return split_metrics.get("objects", {}).get("object_f1")
+    if key in _OBJECT_SOURCES:
+        return split_metrics.get(_OBJECT_SOURCES[key], {}).get("object_f1")
     return split_metrics.get(key)
 
 

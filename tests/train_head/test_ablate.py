@@ -170,3 +170,26 @@ def test_a_setting_the_head_kind_ignores_does_not_make_a_new_run(extracted_small
     assert run_dir(kind="pixel-mlp", ensemble=3) != run_dir(kind="pixel-mlp")
     assert run_dir(kind="pixel-mlp", width=16) == run_dir(kind="pixel-mlp")
     assert run_dir(kind="linear", width=16, ensemble=3) == run_dir(kind="linear")
+
+
+def test_decoding_sweeps_share_heads_keep_their_own_scores_and_both_f1s_are_listed(ablation_config):
+    """instances.* cells differ in decoding only: one head per seed, one report per setting, both F1s shown."""
+    config, store_path = ablation_config
+    config.ablate.seeds = 1
+    config.ablate.timesteps = [50]
+    config.ablate.baseline = False
+    config.instances.tune = False
+    first = run_ablation(config, swept={"instances.min_area": [0, 10**7]}, store_path=store_path, show_progress=False)
+    assert len(first.plan.cells) == 2 and first.computed_runs == 2
+    run_dirs = {score.run_dir for score in first.scores}
+    assert len(run_dirs) == 1  # the same head, fitted once
+    reports = sorted((next(iter(run_dirs))).glob("eval-*/metrics.json"))
+    assert len(reports) == 2
+    assert {json.loads(path.read_text())["instances"]["min_area"] for path in reports} == {0, 10**7}
+    keep_all, keep_none = sorted(first.scores, key=lambda s: dict(s.cell.settings)["instances.min_area"])
+    assert metric_value(keep_none.splits["val"], "inst_f1") == 0.0  # every object dropped
+    assert metric_value(keep_all.splits["val"], "object_f1") == metric_value(keep_none.splits["val"], "object_f1")
+    header = next(csv.reader(open(first.directory / "leaderboard.csv")))
+    assert "val_inst_f1_mean" in header and "val_object_f1_mean" in header
+    assert run_ablation(config, swept={"instances.min_area": [0, 10**7]}, store_path=store_path,
+                        show_progress=False).computed_runs == 0

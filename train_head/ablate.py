@@ -81,10 +81,12 @@ def _cached_scores(run: Run, config: PipelineConfig, splits: list[str], store: F
 
 
 def ablation_dir(config: PipelineConfig, store: FeatureStore, plan: AblationPlan) -> Path:
-    """runs/<store>/ablate-<key>: the key covers the grid, the seeds, the sweep and the base head/train settings."""
+    """runs/<store>/ablate-<key>: the key covers the grid, the seeds, the sweep and the base head, train, evaluate
+    and decoding settings, so an ablation rescored with other decoding grids keeps its first leaderboard."""
     key = digest({"store": store.fingerprint, "cells": [[list(c.pairs), list(c.settings)] for c in plan.cells],
                   "seeds": plan.seeds, "head": config.head.model_dump(mode="json"),
-                  "train": config.train.model_dump(mode="json"), "evaluate": config.evaluate.model_dump(mode="json")})
+                  "train": config.train.model_dump(mode="json"), "evaluate": config.evaluate.model_dump(mode="json"),
+                  "instances": config.instances.model_dump(mode="json")})
     return Path(config.runs_dir) / store.path.stem / f"ablate-{plan.grid}-{key[:8]}"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from pathseg.train_head.contours import contour_fold, fold_prediction
+from pathseg.train_head.evaluate import choose_on_val
 from pathseg.train_head.instance_choice import decoding_settings
 from pathseg.train_head.overlays import outline_instances
 from pathseg.train_head.runs import load_run
@@ -39,8 +40,9 @@ def objects_of(run_dir: Path, store: FeatureStore, indices: list[int], decoded: 
     """Per image: the run's objects as evaluate scores them (components, or decoded instances)."""
     run = load_run(run_dir)
     config = PipelineConfig.model_validate(run.record["config"])
-    settings, baseline_area, _ = decoding_settings(run, config)
     head = run.load_head("cpu")
+    choose_on_val(run, config, store, head, "cpu", show_progress=False)  # no-op when this grid's choice is recorded
+    settings, baseline_area, _ = decoding_settings(run, config)
     fold = contour_fold(run.record)
     result = {}
     for index, logits in stitched_logits(head, store, run.pairs, indices, "cpu", 16, config.evaluate.blend):
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--image", help="image id; default: the one where the contour run gains most")
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--scale", type=float, default=0.75, help="size of the saved picture (docs stay small)")
     args = parser.parse_args()
     store = FeatureStore.open(Path(load_run(args.contour_run).record["store"]))
     entries = store.images
@@ -101,7 +104,9 @@ def main() -> None:
     bottom = np.concatenate([panels[2], gap, panels[3]], axis=1)
     figure = np.concatenate([top, np.full((8, top.shape[1], 3), 255, dtype=np.uint8), bottom], axis=0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(figure).save(args.out, quality=88)
+    picture = Image.fromarray(figure)
+    picture = picture.resize((round(picture.width * args.scale), round(picture.height * args.scale)), Image.LANCZOS)
+    picture.save(args.out, quality=85)
     print(f"{entries[index].id}: cc {counts['cc']}, inst {counts['inst']} -> {args.out}")
 
 

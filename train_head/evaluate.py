@@ -106,7 +106,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     decoding, baseline_area, decoding_source = None, config.evaluate.min_object_area, "configured"
     if store.has_instances:
         if own_store:
-            _choose_on_val(run, config, store, head, device, show_progress)
+            choose_on_val(run, config, store, head, device, show_progress)
         decoding, baseline_area, decoding_source = decoding_settings(run, config)
     results: dict[str, dict] = {}
     images = store.images
@@ -166,7 +166,7 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     return EvaluationResult(out_dir, report)
 
 
-def _choose_on_val(run: Run, config: PipelineConfig, store: FeatureStore, head: torch.nn.Module, device: torch.device,
+def choose_on_val(run: Run, config: PipelineConfig, store: FeatureStore, head: torch.nn.Module, device: torch.device,
                    show_progress: bool) -> None:
     """Search the decoding grids on the val split and record the choice, unless this head already has one."""
     val_split = config.train.val_split

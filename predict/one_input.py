@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 from pathseg.predict.geojson import label_features, write_geojson
+from pathseg.predict.gland_outputs import gland_features, measure, write_gland_table, write_instance_tiff
+from pathseg.predict.glands import decode_image, has_glands, resize_nearest
 from pathseg.predict.images import read_rgb, resample, resize_labels
 from pathseg.predict.outputs import (
     area_rows,
     output_record,
+    with_object_counts,
     write_area_table,
     write_label_map,
     write_overlay,
@@ -26,9 +29,12 @@ from pathseg.predict.outputs import (
     write_record,
 )
 from pathseg.predict.predictor import Predictor
-from pathseg.predict.slide_command import is_slide, predict_slide
+from pathseg.predict.slide_command import is_slide, output_classes, predict_slide
+from pathseg.train_head.contours import contour_fold, fold_prediction
+from pathseg.train_head.instance_choice import decoding_settings
 
 from pathseg.errors import PathsegError
+from pathseg.metrics.instances import gland_index
 from pathseg.metrics.pixel import background_index_of
 from pathseg.progress import progress_bar, say
 
@@ -83,24 +89,45 @@ def _predict_image(path: Path, folder: Path, predictor: Predictor, mpp: float | 
     working = resample(rgb, scale) if scale != 1.0 else rgb
     with progress_bar(path.name, _tile_count(working.shape[:2], predictor), "tiles", show_progress) as advance:
         logits = predictor.image_logits(working, path.stem, advance)
-    labels = logits.argmax(axis=0).astype(np.uint8)
+    names = output_classes(predictor)
+    labels = fold_prediction(logits.argmax(axis=0).astype(np.uint8), contour_fold(predictor.run.record))
     if labels.shape != rgb.shape[:2]:
         labels = resize_labels(labels, rgb.shape[:2])
     write_label_map(folder / "labels.png", labels)
     if probabilities:
         write_probabilities(folder / "probabilities.zarr", logits)  # at the prediction (training) resolution
-    write_overlay(folder / "overlay.png", rgb, labels, predictor.class_names)
+    write_overlay(folder / "overlay.png", rgb, labels, names)
     source_mpp = mpp if mpp is not None else predictor.mpp
-    background = background_index_of(predictor.class_names)
+    background = background_index_of(names)
     write_geojson(folder / "regions.geojson", label_features(
-        labels, predictor.class_names, image_id=path.stem, skip=set() if background is None else {background},
+        labels, names, image_id=path.stem, skip=set() if background is None else {background},
         object_type=object_type, simplify=simplify, mpp=source_mpp))
-    rows = area_rows(labels, predictor.class_names, source_mpp)
+    rows = area_rows(labels, names, source_mpp)
+    if has_glands(predictor.class_names):
+        settings, _, _ = decoding_settings(predictor.run, predictor.config)
+        instances = decode_image(logits, predictor.class_names, settings)
+        if instances.shape != rgb.shape[:2]:
+            instances = resize_nearest(instances, rgb.shape[:2])
+        count = _write_glands(folder, instances, names, path.stem, source_mpp, object_type, simplify)
+        rows = with_object_counts(rows, names, count)
     if record is not None:
         write_record(folder, record)
     write_area_table(folder / FINISHED_MARK, rows)
     shares = ", ".join(f"{row['class']} {100 * row['fraction_of_image']:.1f}%" for row in rows)
     say(f"{path.name}: {shares} -> {folder}")
+
+
+def _write_glands(folder: Path, instances: np.ndarray, names: list[str], image_id: str, mpp: float | None,
+                  object_type: str, simplify: float) -> int:
+    """instances.tif, instances.csv and instances.geojson of one image, ids shared; returns the gland count."""
+    gland = gland_index(names)
+    outlines, gland_rows = measure(instances, mpp)
+    features = gland_features(outlines, gland_rows, image_id=image_id, class_name=names[gland], class_index=gland,
+                              scale=1.0, object_type=object_type, simplify=simplify)
+    write_instance_tiff(folder / "instances.tif", instances)
+    write_gland_table(folder / "instances.csv", gland_rows, mpp)
+    write_geojson(folder / "instances.geojson", features)
+    return len(gland_rows)
 
 
 def _tile_count(shape: tuple[int, int], predictor: Predictor) -> int:

@@ -22,7 +22,9 @@ from pathseg.files import atomic_write_bytes
 from pathseg.store import digest
 
 RECORD = "predict.json"  # beside areas.csv, written before it: what made the outputs, for a rerun to compare
-OUTPUTS_VERSION = 2  # what the files hold; 2: areas.csv counts slides by the tissue mask, GeoJSON merged exactly
+# what the files hold; 2: areas.csv counts slides by the tissue mask, GeoJSON merged exactly; 3: glands as objects
+# (instances.*, an objects column in areas.csv) and a contour head's contour folded into the class it covers
+OUTPUTS_VERSION = 3
 # What of a run record decides its labels; its time taken, loader and software versions do not.
 RUN_RESULT_KEYS = ("store_fingerprint", "store_compute_precision", "extraction", "pairs",
                    "class_names", "head", "blend", "config")
@@ -101,6 +103,14 @@ def tissue_area_rows(inside: np.ndarray, outside: np.ndarray, class_names: list[
     return [{"class": name, "pixels": int(inside[index]), "area_mm2": _mm2(int(inside[index]), mpp),
              "fraction_of_tissue": round(int(inside[index]) / tissue, 6) if tissue else 0.0,
              "outside_tissue_pixels": int(outside[index])} for index, name in enumerate(class_names)]
+
+
+def with_object_counts(rows: list[dict], class_names: list[str], count: int) -> list[dict]:
+    """The area rows with an `objects` column: the number of glands on the gland class's row, empty elsewhere."""
+    from pathseg.metrics.instances import gland_index
+
+    gland = gland_index(class_names)
+    return [{**row, "objects": count if index == gland else ""} for index, row in enumerate(rows)]
 
 
 def _mm2(pixels: int, mpp: float | None) -> float | str:

@@ -18,6 +18,7 @@ import torch
 import zarr
 from pathseg.predict.predictor import Predictor
 from pathseg.predict.slide_work import SlideWork
+from pathseg.train_head.contours import fold_prediction
 from torch.nn import functional as F
 
 from pathseg.imaging.slides import Slide, tissue_mask
@@ -102,9 +103,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def blend_labels(plan: SlidePlan, work: SlideWork, predictor: Predictor, labels: zarr.Array,
-                 empty_label: int, probabilities: zarr.Array | None = None) -> None:
+                 empty_label: int, probabilities: zarr.Array | None = None,
+                 fold: tuple[int, int] | None = None) -> None:
     """Blend the stored tile logits strip by strip into `labels` (height, width) at the prediction mpp, and
-    into `probabilities` (classes, height, width; 0 where no tissue tile reached) when given."""
+    into `probabilities` (the head's classes, height, width; 0 where no tissue tile reached) when given.
+    `fold` puts a contour head's contour back into the class it covers in `labels` (contours.py)."""
     grid = plan.grid
     size, stride = grid.tile_size, grid.stride
     weights = tile_weights(size, predictor.config.evaluate.blend)
@@ -129,7 +132,7 @@ def blend_labels(plan: SlidePlan, work: SlideWork, predictor: Predictor, labels:
                 total[:, band, columns] += tile_logits[:, inside] * weights[inside]
                 count[band, columns] += weights[inside]
         covered = count > 0
-        strip = np.where(covered, total.argmax(axis=0), empty_label).astype(np.uint8)
+        strip = np.where(covered, fold_prediction(total.argmax(axis=0), fold), empty_label).astype(np.uint8)
         labels[top:bottom] = strip[:, grid.pad_left : grid.pad_left + grid.width]
         if probabilities is not None:
             blended = total / np.where(covered, count, 1.0)

@@ -2,9 +2,10 @@
 
 Outputs in `<out>/<stem>/`: `labels.ome.tif` (class index per pixel at the prediction mpp, pyramidal, with
 its physical pixel size), `regions.geojson` (level-0 coordinates), `overlay.png` (thumbnail | prediction),
-and `areas.csv` last (counted inside and outside the tissue mask), which marks the slide finished. The
-working store `.work.zarr` beside them holds the tile logits until then, so a killed run resumes where it
-stopped, with the same head, backbone, slide and tiles only.
+for runs with a gland class `instances.ome.tif`, `instances.csv` and `instances.geojson` (one object per
+gland, slide_glands.py), and `areas.csv` last (counted inside and outside the tissue mask), which marks the
+slide finished. The working store `.work.zarr` beside them holds the tile logits until then, so a killed run
+resumes where it stopped, with the same head, backbone, slide and tiles only.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from pathseg.predict.glands import has_glands
 from pathseg.predict.outputs import (
     publish_directory,
     run_identity,
     tissue_area_rows,
+    with_object_counts,
     write_area_table,
     write_overlay,
     write_record,
 )
 from pathseg.predict.predictor import Predictor
 from pathseg.predict.slide import NO_TISSUE, blend_labels, compute_tiles, plan_slide
+from pathseg.predict.slide_glands import decode_slide, write_slide_glands
 from pathseg.predict.slide_outputs import (
     labels_at,
     tissue_label_counts,
@@ -30,6 +34,8 @@ from pathseg.predict.slide_outputs import (
     write_slide_geojson,
 )
 from pathseg.predict.slide_work import SlideWork
+from pathseg.train_head.contours import contour_fold
+from pathseg.train_head.instance_choice import decoding_settings
 
 from pathseg.errors import PathsegError
 from pathseg.imaging.slides import SLIDE_ONLY_SUFFIXES, Slide
@@ -88,27 +94,46 @@ def predict_slide(path: Path, folder: Path, predictor: Predictor, *, slide_mpp: 
             say(f"{path.name}: resuming, {len(plan.tissue_tiles) - remaining} of {len(plan.tissue_tiles)} tiles done")
         with progress_bar(path.name, remaining, "tiles", show_progress) as advance:
             compute_tiles(slide, path.stem, predictor, plan, work, advance)
-        background = background_index_of(predictor.class_names)
+        names = output_classes(predictor)
+        background = background_index_of(names)
         empty = background if background is not None else NO_TISSUE
-        labels = work.group.create_array("labels", shape=(plan.grid.height, plan.grid.width), dtype="uint8",
-                                         chunks=(plan.grid.stride, 1024), fill_value=empty, overwrite=True)
+        shape = (plan.grid.height, plan.grid.width)
+        labels = work.group.create_array("labels", shape=shape, dtype="uint8", chunks=(plan.grid.stride, 1024),
+                                         fill_value=empty, overwrite=True)
+        with_glands = has_glands(predictor.class_names)
+        chances_shape = (len(predictor.class_names), *shape)
+        chunks = (len(predictor.class_names), plan.grid.stride, 1024)
         chances = None
         if probabilities:
-            chances = zarr.create_array(str(folder / ".probabilities.zarr"), shape=(len(predictor.class_names),
-                                        plan.grid.height, plan.grid.width), dtype="float16",
-                                        chunks=(len(predictor.class_names), plan.grid.stride, 1024),
-                                        fill_value=0, overwrite=True)
-        blend_labels(plan, work, predictor, labels, empty, chances)
-        if chances is not None:
+            chances = zarr.create_array(str(folder / ".probabilities.zarr"), shape=chances_shape, dtype="float16",
+                                        chunks=chunks, fill_value=0, overwrite=True)
+        elif with_glands:  # the glands are decoded from them; kept in the working store only
+            chances = work.group.create_array("probabilities", shape=chances_shape, dtype="float16", chunks=chunks,
+                                              fill_value=0, overwrite=True)
+        blend_labels(plan, work, predictor, labels, empty, chances, contour_fold(predictor.run.record))
+        instances = None
+        if with_glands:
+            instances = work.group.create_array("instances", shape=shape, dtype="uint32",
+                                                chunks=(plan.grid.stride, 1024), fill_value=0, overwrite=True)
+            settings, _, _ = decoding_settings(predictor.run, predictor.config)
+            decode_slide(chances, predictor.class_names, settings, instances)
+        if probabilities:
             publish_directory(folder / ".probabilities.zarr", folder / "probabilities.zarr")
-        _write_outputs(folder, path, slide, plan, labels, predictor, empty, object_type, simplify, record)
+        _write_outputs(folder, path, slide, plan, labels, predictor, empty, object_type, simplify, record, instances)
     work.remove()
     return {"tiles": len(plan.tissue_tiles), "grid_tiles": len(plan.grid)}
 
 
+def output_classes(predictor: Predictor) -> list[str]:
+    """The classes outputs are on: the store's (a contour head's contour only separates glands; it is folded)."""
+    names = list(predictor.class_names)
+    return names[:-1] if contour_fold(predictor.run.record) is not None else names
+
+
 def _write_outputs(folder: Path, path: Path, slide: Slide, plan, labels: zarr.Array, predictor: Predictor,
-                   empty: int, object_type: str, simplify: float, record: dict | None = None) -> None:
-    names = predictor.class_names
+                   empty: int, object_type: str, simplify: float, record: dict | None = None,
+                   instances: zarr.Array | None = None) -> None:
+    names = output_classes(predictor)
     write_label_ome_tiff(folder / "labels.ome.tif", labels, plan.mpp, names)
     skip = {empty} | ({b} if (b := background_index_of(names)) is not None else set())
     write_slide_geojson(folder / "regions.geojson", labels, names, slide_id=path.stem, skip=skip,
@@ -119,6 +144,10 @@ def _write_outputs(folder: Path, path: Path, slide: Slide, plan, labels: zarr.Ar
     write_overlay(folder / "overlay.png", thumbnail, np.where(small == NO_TISSUE, 0, small), names)
     inside, outside = tissue_label_counts(labels, plan.mask)
     rows = tissue_area_rows(inside, outside, names, plan.mpp)
+    if instances is not None:
+        count = write_slide_glands(folder, instances, names, slide_id=path.stem, mpp=plan.mpp,
+                                   level0_per_px=plan.mpp / slide.mpp, object_type=object_type, simplify=simplify)
+        rows = with_object_counts(rows, names, count)
     if record is not None:
         write_record(folder, record)
     write_area_table(folder / FINISHED_MARK, rows)

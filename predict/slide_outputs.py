@@ -34,14 +34,16 @@ def _tiles(labels: zarr.Array, step: int) -> Iterator[np.ndarray]:
     for top in range(0, height, OME_TILE):
         rows = np.asarray(labels[top * step : min(height, top + OME_TILE) * step : step, ::step])
         for left in range(0, width, OME_TILE):
-            tile = np.zeros((OME_TILE, OME_TILE), dtype=np.uint8)
+            tile = np.zeros((OME_TILE, OME_TILE), dtype=labels.dtype)
             part = rows[:, left : left + OME_TILE]
             tile[: part.shape[0], : part.shape[1]] = part
             yield tile
 
 
-def write_label_ome_tiff(path: Path, labels: zarr.Array, mpp: float, class_names: list[str]) -> None:
-    """Tiled, pyramidal OME-TIFF of class indices, physical pixel size recorded: QuPath and napari open it."""
+def write_label_ome_tiff(path: Path, labels: zarr.Array, mpp: float, class_names: list[str] | None,
+                        name: str | None = None) -> None:
+    """Tiled, pyramidal OME-TIFF of class indices (or, with `name`, of gland ids, uint32), physical pixel size
+    recorded: QuPath and napari open it."""
     import tifffile
 
     height, width = labels.shape
@@ -56,9 +58,9 @@ def write_label_ome_tiff(path: Path, labels: zarr.Array, mpp: float, class_names
                 per_cm = 1e4 / (mpp * step)
                 extra = {"subifds": levels - 1, "metadata": {
                     "axes": "YX", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
-                    "PhysicalSizeYUnit": "µm", "Name": "labels: " + ", ".join(
-                        f"{i}={name}" for i, name in enumerate(class_names))}} if level == 0 else {"subfiletype": 1}
-                tif.write(_tiles(labels, step), shape=shape_, dtype=np.uint8, tile=(OME_TILE, OME_TILE),
+                    "PhysicalSizeYUnit": "µm", "Name": name or "labels: " + ", ".join(
+                        f"{i}={n}" for i, n in enumerate(class_names or []))}} if level == 0 else {"subfiletype": 1}
+                tif.write(_tiles(labels, step), shape=shape_, dtype=labels.dtype, tile=(OME_TILE, OME_TILE),
                           compression="zlib", resolution=(per_cm, per_cm), resolutionunit="CENTIMETER", **extra)
         os.replace(tmp, path)
     except BaseException:

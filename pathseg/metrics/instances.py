@@ -24,7 +24,7 @@ from pathseg.metrics.pixel import instances_from_semantic
 
 __all__ = [
     "CONTOUR_CLASS", "decode_contour_instances", "decode_instances", "decode_semantic_instances",
-    "finish_instances",
+    "finish_instances", "gland_index",
 ]
 
 CONTOUR_CLASS = "contour"  # the name of the head's extra class (head.target: contour), always the last one
@@ -196,7 +196,7 @@ def _disk(radius: int) -> np.ndarray:
     return x * x + y * y <= radius * radius
 
 
-def _gland_index(class_names: list[str]) -> int:
+def gland_index(class_names: list[str]) -> int:
     """The gland class: the one named "gland", else the only class that is neither background nor contour."""
     names = [name.strip().lower() for name in class_names]
     if "gland" in names:
@@ -220,8 +220,8 @@ def decode_instances(probabilities: np.ndarray, class_names: list[str],
     if decoding == "contour" and not has_contour:
         raise ValueError(f"instances.decoding is contour but the head's classes {class_names} end without "
                          "'contour'; train with head.target: contour or set instances.decoding: semantic")
-    gland_index = _gland_index(class_names[:-1] if has_contour else class_names)
+    gland = gland_index(class_names[:-1] if has_contour else class_names)
     if decoding == "contour":
-        return decode_contour_instances(probabilities, gland_index, len(class_names) - 1, settings)
-    return decode_semantic_instances(probabilities, gland_index, settings,
+        return decode_contour_instances(probabilities, gland, len(class_names) - 1, settings)
+    return decode_semantic_instances(probabilities, gland, settings,
                                      len(class_names) - 1 if has_contour else None)

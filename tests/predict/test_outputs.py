@@ -102,7 +102,7 @@ def test_slide_area_fractions_are_of_the_tissue_and_glass_is_kept_apart(tmp_path
     mask = np.zeros((40, 40), dtype=bool)  # the thumbnail's tissue mask, a tenth of the label map's size
     mask[10:30, 10:30] = True
     plan = SimpleNamespace(mpp=0.5, thumbnail=np.full((40, 40, 3), 230, dtype=np.uint8), mask=mask)
-    predictor = SimpleNamespace(class_names=["background", "gland"])
+    predictor = SimpleNamespace(class_names=["background", "gland"], run=SimpleNamespace(record={}))
     slide_command._write_outputs(tmp_path, tmp_path / "s.tif", SimpleNamespace(mpp=0.25), plan, _as_zarr(values),
                                  predictor, 0, "annotation", 0.0)
     rows = {row["class"]: row for row in _read_rows(tmp_path / "areas.csv")}

@@ -19,6 +19,7 @@ from shapely.geometry import mapping, shape
 
 from tests.conftest import run_cli, small_config, write_glas_fixture
 from tests.imaging.test_slides import he_like_slide, write_pyramid
+from tests.predict.test_glands import check_gland_outputs
 
 tifffile = pytest.importorskip("tifffile")
 GLAS_MPP = 0.62005
@@ -95,6 +96,17 @@ def test_slide_outputs_tissue_only_and_geojson_round_trip(glas_run, slide_path, 
     expected = int(rows["gland"]["pixels"]) * (GLAS_MPP / 1000) ** 2
     assert float(rows["gland"]["area_mm2"]) == pytest.approx(expected, rel=1e-5)
     assert Image.open(folder / "overlay.png").size[1] > 10
+    assert check_gland_outputs(folder) > 0  # glands as objects, ids shared by OME-TIFF, table and GeoJSON
+
+
+def test_an_image_gets_glands_as_objects_with_shared_ids(glas_run, tmp_path):
+    rgb, _ = he_like_slide(140, 180, seed=3)
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    predict_images(glas_run, [str(tmp_path / "image.png")], tmp_path / "out", show_progress=False)
+    folder = tmp_path / "out" / "image"
+    check_gland_outputs(folder)
+    with tifffile.TiffFile(folder / "instances.tif") as tif:
+        assert tif.series[0].shape == (140, 180)  # the input's own size
 
 
 def test_a_killed_slide_resumes_and_ends_as_an_uninterrupted_run(glas_run, slide_path, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@
     ROOT/masks/<stem>.png|tif|tiff|bmp          label indices, or colours mapped through classes.yaml
     ROOT/classes.yaml                           class names, optional colours, ignore value, mask format
     ROOT/splits.csv                             optional `stem,split` rows; else a seeded split
+    ROOT/instances/<stem>.png|tif|tiff          optional integer instance maps, one per image (folder_instances)
 
 Everything that can be checked from names and headers is checked when listing, so a broken pair fails
 before a long extraction starts; label values are checked when a mask is decoded.
@@ -32,6 +33,7 @@ from pathseg.datasets.base import (
     require_pairs,
     require_root,
 )
+from pathseg.datasets.folder_instances import check_instance_header, list_instances, read_instances
 from pathseg.errors import PathsegError
 from pathseg.loading.data_files import escapes_folder, read_csv_rows, read_yaml
 
@@ -325,11 +327,16 @@ class FolderDataset(SegmentationDataset):
             raise PathsegError(f"dataset.folder.splits_file {self.splits_path} does not exist; fix the path")
         self._pairs = self._pair_files()
         stems = list(self._pairs)
+        self._instances = list_instances(self.root, stems)
         if self.splits_path.is_file():
             self._split = read_splits(self.splits_path, stems)
         else:
             self._split = seeded_splits(stems, options.val_fraction, options.test_fraction, options.split_seed)
         self.splits = tuple(dict.fromkeys([*DEFAULT_SPLITS, *self._split.values()]))
+
+    @property
+    def has_instances(self) -> bool:
+        return self._instances is not None
 
     def _pair_files(self) -> dict[str, tuple[Path, Path]]:
         images = _list_files(self.root / "images", IMAGE_EXTENSIONS, "image")
@@ -349,6 +356,9 @@ class FolderDataset(SegmentationDataset):
                     f"{mask}: mask is {mask_width}x{mask_height} but image {image.name} is {width}x{height}; "
                     "masks must match their image pixel for pixel"
                 )
+            instances = self._instances[stem] if self._instances is not None else None
+            if instances is not None:
+                check_instance_header(instances, height, width, image)
             records.append(
                 ImageRecord(
                     id=stem,
@@ -357,12 +367,14 @@ class FolderDataset(SegmentationDataset):
                     width=width,
                     load_rgb=functools.partial(read_rgb, image),
                     load_labels=functools.partial(load_labels, mask, self.classes),
+                    load_instances=functools.partial(read_instances, instances) if instances is not None else None,
                 )
             )
         return self.select(records, self.wanted)
 
     def identity(self) -> dict:
-        files = [path for pair in self._pairs.values() for path in pair]
+        # Instance maps join the digest only when present, so a store made without them keeps its identity.
+        files = [path for pair in self._pairs.values() for path in pair] + list((self._instances or {}).values())
         splits_digest = (
             hashlib.sha256(self.splits_path.read_bytes()).hexdigest() if self.splits_path.is_file() else None
         )

@@ -92,7 +92,17 @@ def gland_features(outlines: dict[int, object], rows: list[dict], *, image_id: s
     """One Feature per gland (level-0 pixels: `scale` level-0 px per instance-map px), measurements attached;
     each row gets the feature's id, so the table and the GeoJSON can be joined."""
     ids = list(outlines)
-    polygons = simplify_coverage([outlines[gland] for gland in ids], simplify / scale)
+    parts, owners = [], []  # a gland whose pixels touch only at a corner is a MultiPolygon: simplified by parts
+    for position, gland in enumerate(ids):
+        for part in getattr(outlines[gland], "geoms", [outlines[gland]]):
+            parts.append(part)
+            owners.append(position)
+    simplified = simplify_coverage(parts, simplify / scale)
+    grouped: list[list] = [[] for _ in ids]
+    for owner, part in zip(owners, simplified, strict=True):
+        if not part.is_empty:
+            grouped[owner].append(part)
+    polygons = [unary_union(group) for group in grouped]
     features = []
     for gland, polygon, row in zip(ids, polygons, rows, strict=True):
         feature_id = str(uuid.uuid5(NAMESPACE, f"{image_id}:gland:{gland}"))

@@ -8,8 +8,9 @@ the class it covers, as evaluate does.
 A slide is decoded strip by strip, so memory follows its width, never its area. Each strip is decoded with
 `halo` rows of context above and below, and only its own rows are kept. Objects are joined across a seam where
 either of the two decodings that see both sides of it (this strip's, with its upper halo, and the previous
-strip's, with its lower halo) puts the two pixels facing each other across the seam in one object. The joins
-are collected in a union-find, and a second pass writes consecutive ids in raster order of first appearance.
+strip's, with its lower halo) puts the two pixels facing each other across the seam in one object. Pixels face
+each other straight across the seam or diagonally (objects are 8-connected). The joins are collected in a
+union-find, and a second pass writes consecutive ids in raster order of first appearance.
 The minimum object area is applied after the joins (a gland cut by a strip is small in each strip), and holes
 larger than the halo may stay open where a strip edge crosses them.
 """
@@ -102,11 +103,13 @@ def decode_in_strips(probabilities: Any, decode: Callable[[np.ndarray], np.ndarr
         ids = np.where(own > 0, own + (next_id - 1), 0)
         if previous is not None:
             last_ids, seen_above, seen_below = previous
-            facing = (last_ids > 0) & (ids[0] > 0)
-            here = facing & (local[top - 1 - low] > 0) & (local[top - 1 - low] == local[top - low])
-            there = facing & (seen_above > 0) & (seen_above == seen_below)
-            together = here | there
-            joins.join(last_ids[together], ids[0][together])
+            for shift in (-1, 0, 1):  # 8-connected: a gland may cross the seam diagonally
+                above, below = _facing(last_ids, shift), _facing(ids[0], -shift)
+                here_above, here_below = _facing(local[top - 1 - low], shift), _facing(local[top - low], -shift)
+                there_above, there_below = _facing(seen_above, shift), _facing(seen_below, -shift)
+                together = (above > 0) & (below > 0) & (((here_above > 0) & (here_above == here_below))
+                                                        | ((there_above > 0) & (there_above == there_below)))
+                joins.join(above[together], below[together])
         areas += np.bincount(ids.ravel(), minlength=areas.size)[: areas.size]
         out[top:bottom] = ids.astype(np.uint32)
         below = local[bottom - low] if bottom < high else np.zeros(local.shape[1], dtype=np.int64)
@@ -130,6 +133,16 @@ def decode_in_strips(probabilities: Any, decode: Callable[[np.ndarray], np.ndarr
     for top in range(0, height, strip_rows):
         out[top : top + strip_rows] = final[np.asarray(out[top : top + strip_rows]).astype(np.int64)]
     return len(order)
+
+
+def _facing(row: np.ndarray, shift: int) -> np.ndarray:
+    """Pairs across a seam, column x of the row above facing column x + shift below: the upper row cut to the
+    columns that have a partner (`shift`), the lower row to their partners (`-shift` gives the same pairs)."""
+    if shift > 0:
+        return row[:-shift]
+    if shift < 0:
+        return row[-shift:]
+    return row
 
 
 def _first_seen(block: np.ndarray) -> list[int]:

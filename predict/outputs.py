@@ -163,7 +163,19 @@ def output_record(run: Any, config: Any, path: Path, slide: bool, options: Any) 
     """Everything that changes an input's outputs; a rerun skips the input only when all of it is equal.
     The device and worker count are left out: they change rounding, not what was asked."""
     return {"outputs_version": OUTPUTS_VERSION, "run": run_identity(run, config),
-            "input": input_identity(path, slide), "settings": asdict(options)}
+            "input": input_identity(path, slide), "settings": asdict(options), "glands": gland_decoding(run, config)}
+
+
+def gland_decoding(run: Any, config: Any) -> dict | None:
+    """The values glands are decoded with and where they came from: a val choice evaluate records after these
+    outputs were written changes the glands, so a rerun must not keep the old ones."""
+    from pathseg.predict.glands import has_glands
+    from pathseg.train_head.instance_choice import decoding_settings
+
+    if not has_glands(list(run.record["class_names"])):
+        return None
+    settings, _, source = decoding_settings(run, config)
+    return {"instances": settings.model_dump(mode="json"), "source": source}
 
 
 OPTION_NAMES = {"mpp": "--mpp", "object_type": "--object-type", "simplify": "--simplify",
@@ -188,6 +200,8 @@ def record_differences(found: dict | None, expected: dict) -> str:
             reasons.append(words)
     if found.get("input") != expected["input"]:
         reasons.append("from another version of the input file")
+    if found.get("glands") != expected.get("glands"):
+        reasons.append("with other gland decoding values (instances.* or the run's instances.json)")
     settings, wanted = found.get("settings") or {}, expected["settings"]
     changed = [OPTION_NAMES.get(k, "--" + k.replace("_", "-")) for k in sorted(set(settings) | set(wanted))
                if settings.get(k) != wanted.get(k)]

@@ -145,3 +145,34 @@ def check_gland_outputs(folder, scale: float = 1.0) -> int:
     for row in rows:
         assert int(round(float(row["area_um2"]) / (0.62005 ** 2))) == int((ids == int(row["id"])).sum())
     return len(rows)
+
+
+def test_a_gland_crossing_a_seam_diagonally_stays_one():
+    """Objects are 8-connected: a one-pixel diagonal through several seams is one gland, as in a whole decode."""
+    shape = (40, 40)
+    line = np.zeros(shape, dtype=np.int32)
+    for k in range(40):
+        line[k, k] = 1
+    out = np.zeros(shape, dtype=np.uint32)
+    first_rows = [max(0, top - 4) for top in range(0, 40, 10)]  # each strip's first row, halo included
+
+    def decode(block: np.ndarray) -> np.ndarray:  # the block's rows of the line, labelled as a decoder would
+        from scipy import ndimage
+
+        low = first_rows.pop(0)
+        return ndimage.label(line[low : low + block.shape[1]], structure=np.ones((3, 3)))[0]
+
+    assert glands.decode_in_strips(np.zeros((1, *shape)), decode, out, 0, strip_rows=10, halo=4) == 1
+    assert (out[line > 0] == 1).all()
+
+
+def test_glands_touching_at_a_corner_simplify_without_failing():
+    from pathseg.predict.gland_outputs import gland_features
+
+    instances = np.zeros((20, 20), dtype=np.uint32)
+    instances[2:8, 2:8] = 1
+    instances[8:14, 8:14] = 1  # one gland whose two parts meet at a corner: a MultiPolygon outline
+    outlines, rows = measure(instances, 0.5)
+    features = gland_features(outlines, rows, image_id="x", class_name="gland", class_index=1, scale=1.0,
+                              object_type="annotation", simplify=1.0)
+    assert len(features) == 1 and features[0]["geometry"]["type"] == "MultiPolygon"

@@ -108,6 +108,20 @@ def test_an_image_gets_glands_as_objects_with_shared_ids(glas_run, tmp_path):
     with tifffile.TiffFile(folder / "instances.tif") as tif:
         assert tif.series[0].shape == (140, 180)  # the input's own size
 
+    # a val choice recorded after the outputs were written changes the glands: the rerun must not keep them
+    from pathseg.train_head.instance_choice import write_choice
+    from pathseg.train_head.runs import load_run
+
+    from pathseg.config import PipelineConfig
+    from pathseg.errors import PathsegError
+
+    run = load_run(glas_run)
+    write_choice(run, PipelineConfig.model_validate(run.record["config"]),
+                 {"marker_threshold": 0.5, "min_area": 7, "baseline_min_area": 7}, [])
+    with pytest.raises(PathsegError, match="gland decoding values"):
+        predict_images(glas_run, [str(tmp_path / "image.png")], tmp_path / "out", show_progress=False)
+    (glas_run / "instances.json").unlink()
+
 
 def test_a_killed_slide_resumes_and_ends_as_an_uninterrupted_run(glas_run, slide_path, tmp_path, monkeypatch):
     seen = _count_tiles(monkeypatch)

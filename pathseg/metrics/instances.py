@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from pathseg.config.sections import InstancesConfig
+from pathseg.config.scoring import InstancesConfig
 from pathseg.metrics.pixel import instances_from_semantic
 
 __all__ = [

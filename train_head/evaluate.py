@@ -104,9 +104,10 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     fold = contour_fold(run.record)
     out_dir = run.directory / (out_name or ("eval" if own_store else f"eval-{store.path.stem}"))
     decoding, baseline_area, decoding_source = None, config.evaluate.min_object_area, "configured"
+    decoding_note = None
     if store.has_instances:
         if own_store:
-            choose_on_val(run, config, store, head, device, show_progress)
+            decoding_note = choose_on_val(run, config, store, head, device, show_progress)
         decoding, baseline_area, decoding_source = decoding_settings(run, config)
     results: dict[str, dict] = {}
     images = store.images
@@ -162,21 +163,23 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     atomic_write_text(out_dir / "metrics.md", metrics_markdown(report))
     if echo:
         print(metrics_text(report))
+        if decoding_note:  # said once scoring has succeeded: an error stays the only line a failure prints
+            say(decoding_note)
         say(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
     return EvaluationResult(out_dir, report)
 
 
 def choose_on_val(run: Run, config: PipelineConfig, store: FeatureStore, head: torch.nn.Module, device: torch.device,
-                   show_progress: bool) -> None:
-    """Search the decoding grids on the val split and record the choice, unless this head already has one."""
+                   show_progress: bool) -> str | None:
+    """Search the decoding grids on the val split and record the choice, unless this head already has one.
+    Returns what was done, in words, for the caller to say."""
     val_split = config.train.val_split
     if not config.instances.tune or read_choice(run, config) is not None:
-        return
+        return None
     indices = [i for i, entry in enumerate(store.images) if entry.split == val_split]
     if not indices:
-        say(f"instances.tune: {store.path} has no {val_split!r} images to choose the decoding on; using the "
-            "configured instances.* and evaluate.min_object_area")
-        return
+        return (f"instances.tune: {store.path} has no {val_split!r} images to choose the decoding on; the "
+                "configured instances.* and evaluate.min_object_area were used")
     search = DecodingSearch(config.instances)
     class_names = list(run.record["class_names"])
     fold = contour_fold(run.record)
@@ -191,9 +194,9 @@ def choose_on_val(run: Run, config: PipelineConfig, store: FeatureStore, head: t
             advance(1)
     chosen, scores = search.choice()
     write_choice(run, config, chosen, scores)
-    say(f"decoding chosen on {val_split} (object F1): marker_threshold {chosen['marker_threshold']}, min_area "
-        f"{chosen['min_area']} (F1 {chosen['decoded_val_f1']:.3f}); connected components min area "
-        f"{chosen['baseline_min_area']} (F1 {chosen['baseline_val_f1']:.3f}) -> {run.directory / 'instances.json'}")
+    return (f"decoding chosen on {val_split} (object F1): marker_threshold {chosen['marker_threshold']}, min_area "
+            f"{chosen['min_area']} (F1 {chosen['decoded_val_f1']:.3f}); connected components min area "
+            f"{chosen['baseline_min_area']} (F1 {chosen['baseline_val_f1']:.3f}) -> {run.directory / 'instances.json'}")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathseg.extract.extractor import Extractor, prepare_for_device
 from pathseg.extract.precision import pick_device
 from pathseg.extract.tiles import PaddedView, tile_noise
 from pathseg.train_head.runs import Run, load_run
+from pathseg.train_head.tile_images import normalise_pixels
 
 from pathseg.config import PRESET_BACKBONES, PipelineConfig
 from pathseg.errors import PathsegError
@@ -107,6 +108,8 @@ class Predictor:
         features, z0 = self.extractor.features(tiles, noise, self.wanted())
         inputs = [torch.from_numpy(z0 if is_z0(pair[1]) else features[pair][0].astype(np.float32)).to(self.device)
                   for pair in self.pairs]
+        if getattr(self.head, "needs_image", False):  # an image-skip head: the pixels, as the store's loader serves
+            inputs.append(torch.from_numpy(normalise_pixels(tiles)).to(self.device))
         with torch.inference_mode():
             return self.head(inputs, output_size or self.tile_size).float().cpu().numpy()
 

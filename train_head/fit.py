@@ -42,6 +42,7 @@ from pathseg.train_head.runs import (
     staging_dir,
 )
 from pathseg.train_head.stitching import stitched_pixel_metrics
+from pathseg.train_head.tile_images import TileImages
 from pathseg.train_head.tile_sources import decode_threads, plan_memory
 from torch.nn import functional as F
 
@@ -161,6 +162,7 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
         memory=memory.train,
         device=device,
         contours=contours,
+        images=TileImages(store) if getattr(head, "needs_image", False) else None,
     )
     optimizer = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     total_steps = train.epochs * len(loader)

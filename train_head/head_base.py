@@ -19,6 +19,8 @@ class HeadBase(nn.Module):
     # slides then keeps logits at that size and upsamples while blending, with the same result. A head that is
     # nonlinear per output pixel (pixel-mlp) sets False and is run at the tile size.
     logits_upsample_last: bool = True
+    # True when the head also takes the tile's RGB, as the last input (image_head.py): loaders append it
+    needs_image: bool = False
 
     def training_outputs(
         self,

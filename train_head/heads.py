@@ -38,7 +38,13 @@ def _pixel_mlp(in_channels: list[int], num_classes: int, s: dict[str, Any]) -> H
     return PixelMLPEnsemble(in_channels, num_classes, list(s["mlp_hidden"]), s["ensemble"], s["pixels_per_tile"])
 
 
-HEADS: dict[str, HeadBuilder] = {"conv": _conv, "linear": _linear, "pixel-mlp": _pixel_mlp}
+def _conv_image(in_channels: list[int], num_classes: int, s: dict[str, Any]) -> HeadBase:
+    from pathseg.train_head.image_head import ImageConvHead
+
+    return ImageConvHead(in_channels, num_classes, s["width"], s["depth"], s["dropout"], s["projection_width"])
+
+
+HEADS: dict[str, HeadBuilder] = {"conv": _conv, "linear": _linear, "pixel-mlp": _pixel_mlp, "conv-image": _conv_image}
 
 
 def head_kinds() -> list[str]:
@@ -66,6 +72,7 @@ KIND_SETTINGS: dict[str, set[str]] = {
     "conv": {"width", "depth", "dropout", "projection_width"},
     "linear": set(),
     "pixel-mlp": {"mlp_hidden", "ensemble", "pixels_per_tile"},
+    "conv-image": {"width", "depth", "dropout", "projection_width"},
 }
 
 

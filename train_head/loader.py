@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from pathseg.train_head.contours import TileContours
+from pathseg.train_head.tile_images import TileImages
 from pathseg.train_head.tile_sources import DecodedShard, InMemoryFeatures, ShardSource, decode_threads
 
 from pathseg.store import FeatureStore
@@ -103,8 +104,10 @@ class StoreLoader:
         memory: InMemoryFeatures | None = None,
         device: torch.device | None = None,
         contours: TileContours | None = None,
+        images: TileImages | None = None,
     ) -> None:
         self.store = store
+        self.images = images  # an image-skip head's tile pixels, a last input after the features
         self.contours = contours  # head.target=contour: the band marked into each tile's labels, rotated with them
         self.pairs = pairs
         self.tiles = np.asarray(tiles, dtype=np.int64)
@@ -124,6 +127,8 @@ class StoreLoader:
         self.epoch = 0
         shapes = [store.feature_array(t, b).shape[1:] for t, b in pairs]
         self._shapes = [tuple(int(s) for s in shape) for shape in shapes]
+        if images is not None:
+            self._shapes.append((3, store.tile_size, store.tile_size))
         self._ring: list[Slot] | None = None
         self.max_tiles_in_memory = 0  # batches handed out or waiting, high-water mark (tests, benchmarks)
         self.max_decoded_tiles = 0  # tiles of decoded shards held at once, high-water mark
@@ -167,10 +172,14 @@ class StoreLoader:
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, batch_index, 1])
             ops = [(int(rng.integers(4)), bool(rng.integers(2))) for _ in tiles]
+        stored = len(self.pairs)  # the store's arrays; an image, when asked, is the buffer after them
         if ops is None and self.memory is not None:  # whole-batch gathers, as a raw-array cache would do them
             rows = self.memory.row_of[tiles]
-            for out, array in zip(features, self.memory.features, strict=True):
+            for out, array in zip(features[:stored], self.memory.features, strict=True):
                 out[:n] = array[rows]
+            if self.images is not None:
+                for i, tile in enumerate(tiles.tolist()):
+                    features[stored][i] = self.images.tile(tile)
             if self.with_labels:
                 labels[:n] = self.memory.labels[rows]
                 if self.contours is not None:
@@ -188,6 +197,10 @@ class StoreLoader:
                         self.contours.mark(labels[i], dihedral(self.contours.band(int(tiles[i])), k, flip))
                 return
             out = features[j]
+            if j == stored:  # the tile's pixels, turned with its features and labels
+                for i, (tile, (k, flip)) in enumerate(zip(tiles.tolist(), transforms, strict=True)):
+                    out[i] = dihedral(self.images.tile(tile), k, flip)
+                return
             for i, ((part, row), (k, flip)) in enumerate(zip(found, transforms, strict=True)):
                 out[i] = dihedral(part.feature(j)[row], k, flip)
 

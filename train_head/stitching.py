@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from pathseg.train_head.contours import fold_prediction
 from pathseg.train_head.loader import StoreLoader
+from pathseg.train_head.tile_images import TileImages
 from pathseg.train_head.tile_sources import InMemoryFeatures
 from torch import nn
 
@@ -34,8 +35,9 @@ def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int,
                             for i in images]) if images else np.zeros(0, dtype=np.int64)
     origins = store.tile_origins()
     tile_image = store.tile_images()
+    images = TileImages(store) if getattr(head, "needs_image", False) else None
     loader = StoreLoader(store, pairs, tiles, batch_size, prefetch=prefetch, with_labels=False, memory=memory,
-                         threads=threads, device=device)
+                         threads=threads, device=device, images=images)
     open_images: dict[int, Stitcher] = {}
     head.eval()
     for batch in loader:

@@ -8,6 +8,11 @@ The files are read as data, never as pictures: PNG through Pillow without any mo
 stays 16-bit), TIFF through tifffile so a uint32 map keeps ids above 2**31 (Pillow reads those as int32 and
 wraps them negative). Size and channel count are checked from headers when listing, so a wrong file fails
 before a long extraction; values are checked when a map is decoded.
+
+Ids are not checked against the mask's classes: an object may cover pixels the mask calls background or
+ignore. The mask stays the only source of classes; the map only says which pixels form one object, as
+annotators draw it (an outline a few pixels looser than the class mask is common). The contour band never
+overrides ignored labels (train_head/contours.py), and object metrics score the objects as written.
 """
 
 from __future__ import annotations

@@ -34,29 +34,35 @@ def write_instances(root: Path, stem: str, ids: np.ndarray, ext: str = "png") ->
     return path
 
 
-def test_instances_are_stored_and_accepted_for_a_contour_target(tmp_path):
+def test_instances_are_stored_and_drive_a_contour_head_and_object_metrics(tmp_path):
     from pathseg.extract.runner import run_extraction
+    from pathseg.train_head.evaluate import evaluate_run
+    from pathseg.train_head.fit import fit_head
 
     from pathseg.store import FeatureStore
     from train_head.contours import check_target
 
     root = tmp_path / "mine"
-    make_index_folder(root, n=2)
+    # Object metrics decode glands from the class named "gland" (or the only non-background class).
+    make_index_folder(root, n=2, classes="classes: [background, gland, stroma]\n")
     (root / "splits.csv").write_text("img00,train\nimg01,val\n")
     written = [instance_map(0), instance_map(1).astype(np.uint32) + 3_000_000]
     written[1][written[1] == 3_000_000] = 0
     write_instances(root, "img00", written[0])
     write_instances(root, "img01", written[1], "tif")
     cfg = load_config(None, {
-        "cache_dir": str(tmp_path / "cache"), "dataset.name": "folder", "dataset.root": str(root),
-        "extract.timesteps": [50], "extract.blocks": ["up1"], "tiling.tile_size": 32, "tiling.stride": 32,
-        "head.target": "contour",
+        "cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"), "dataset.name": "folder",
+        "dataset.root": str(root), "extract.timesteps": [50], "extract.blocks": ["up1"], "tiling.tile_size": 32,
+        "tiling.stride": 32, "head.target": "contour", "train.epochs": 1, "evaluate.overlays": 0,
     })
     store = FeatureStore.open(run_extraction(cfg, show_progress=False).store)
     assert store.has_instances
     for index, ids in enumerate(written):
         np.testing.assert_array_equal(store.image_instances(index), ids.astype(np.int32))
     check_target(cfg.head, store)
+    run = fit_head(cfg, show_progress=False).run_dir
+    metrics = evaluate_run(cfg, run, splits=["val"], show_progress=False, echo=False).metrics
+    assert "objects" in metrics["splits"]["val"] and "objects_decoded" in metrics["splits"]["val"]
 
 
 def test_no_instances_folder_changes_nothing(tmp_path):

@@ -147,7 +147,8 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
                 if config.head.target == "contour" else None)
     pixels = torch.Generator().manual_seed(train.seed)  # which pixels a sampling head trains on, reproducibly
     threads = decode_threads(train.loader_threads)
-    memory = plan_memory(store, pairs, train_tiles, val_tiles, resolve_budget(train.memory_budget), threads)
+    images = TileImages(store) if head.needs_image else None  # conv-image: the tiles' pixels, from the store
+    memory = plan_memory(store, pairs, train_tiles, val_tiles, resolve_budget(train.memory_budget), threads, images)
     loader = StoreLoader(
         store,
         pairs,
@@ -162,7 +163,7 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
         memory=memory.train,
         device=device,
         contours=contours,
-        images=TileImages(store) if getattr(head, "needs_image", False) else None,
+        images=images,
     )
     optimizer = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     total_steps = train.epochs * len(loader)

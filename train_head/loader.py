@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from pathseg.train_head.contours import TileContours
-from pathseg.train_head.tile_images import TileImages
+from pathseg.train_head.tile_images import TileImages, normalise_pixels
 from pathseg.train_head.tile_sources import DecodedShard, InMemoryFeatures, ShardSource, decode_threads
 
 from pathseg.store import FeatureStore
@@ -178,8 +178,8 @@ class StoreLoader:
             for out, array in zip(features[:stored], self.memory.features, strict=True):
                 out[:n] = array[rows]
             if self.images is not None:
-                for i, tile in enumerate(tiles.tolist()):
-                    features[stored][i] = self.images.tile(tile)
+                for i, (tile, row) in enumerate(zip(tiles.tolist(), rows.tolist(), strict=True)):
+                    features[stored][i] = normalise_pixels(self._pixels(self.memory, row, tile))
             if self.with_labels:
                 labels[:n] = self.memory.labels[rows]
                 if self.contours is not None:
@@ -198,8 +198,8 @@ class StoreLoader:
                 return
             out = features[j]
             if j == stored:  # the tile's pixels, turned with its features and labels
-                for i, (tile, (k, flip)) in enumerate(zip(tiles.tolist(), transforms, strict=True)):
-                    out[i] = dihedral(self.images.tile(tile), k, flip)
+                for i, (tile, (part, row), (k, flip)) in enumerate(zip(tiles.tolist(), found, transforms, strict=True)):
+                    out[i] = dihedral(normalise_pixels(self._pixels(part, row, tile)), k, flip)
                 return
             for i, ((part, row), (k, flip)) in enumerate(zip(found, transforms, strict=True)):
                 out[i] = dihedral(part.feature(j)[row], k, flip)
@@ -211,6 +211,11 @@ class StoreLoader:
             for j in jobs:
                 fill(j)
         return Batch(tiles.copy(), [f[:n] for f in slot.features], slot.labels[:n])
+
+    def _pixels(self, part: object, row: int, tile: int) -> np.ndarray:
+        """A tile's uint8 pixels: from RAM when the in-RAM plan holds them, else cut from the store's image."""
+        held = getattr(part, "images", None)
+        return held[row] if held is not None else self.images.pixels(tile)
 
     def _to_device(self, batch: Batch, slot: Slot) -> Batch:
         if self.device.type == "cpu":

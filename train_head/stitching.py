@@ -35,9 +35,10 @@ def stitched_logits(head: nn.Module, store: FeatureStore, pairs: list[tuple[int,
                             for i in images]) if images else np.zeros(0, dtype=np.int64)
     origins = store.tile_origins()
     tile_image = store.tile_images()
-    images = TileImages(store) if getattr(head, "needs_image", False) else None
+    # an image-skip head's pixels: from `memory` when fit-head's plan holds them, else cut from the store
+    pixels = TileImages(store) if getattr(head, "needs_image", False) else None
     loader = StoreLoader(store, pairs, tiles, batch_size, prefetch=prefetch, with_labels=False, memory=memory,
-                         threads=threads, device=device, images=images)
+                         threads=threads, device=device, images=pixels)
     open_images: dict[int, Stitcher] = {}
     head.eval()
     for batch in loader:

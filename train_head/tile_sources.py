@@ -2,7 +2,8 @@
 
 Both hand out a tile's rows in the store's own dtype (float16 features, float32 z0, uint8 labels), so a
 head trained from RAM sees exactly the numbers a streamed one sees, and the choice between them
-(`train.memory_budget`) never changes a result, only how long it takes.
+(`train.memory_budget`) never changes a result, only how long it takes. An image-skip head's tile pixels
+(`conv-image`) are counted and held with them as uint8, the same bytes tile_images.py cuts when streaming.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from pathseg.train_head.tile_images import TileImages
 
 from pathseg.store import FeatureStore
 from pathseg.store.shard_reads import ShardRows
@@ -95,14 +97,17 @@ class ShardSource:
                 for shard in shards}
 
 
-def footprint(store: FeatureStore, pairs: list[tuple[int, str]], n_tiles: int, with_labels: bool) -> int:
-    """Bytes that `n_tiles` tiles of these arrays take in RAM, in the store's dtypes."""
+def footprint(store: FeatureStore, pairs: list[tuple[int, str]], n_tiles: int, with_labels: bool,
+              with_images: bool = False) -> int:
+    """Bytes that `n_tiles` tiles of these arrays take in RAM, in the store's dtypes (pixels: uint8 RGB)."""
     per_tile = 0
     for t, b in pairs:
         array = store.feature_array(t, b)
         per_tile += int(np.prod(array.shape[1:])) * np.dtype(array.dtype).itemsize
     if with_labels:
         per_tile += store.tile_size * store.tile_size
+    if with_images:
+        per_tile += 3 * store.tile_size * store.tile_size
     return per_tile * int(n_tiles)
 
 
@@ -110,10 +115,11 @@ class InMemoryFeatures:
     """Every selected tile's rows, read once (shard by shard, in parallel) and served from RAM after."""
 
     def __init__(self, tiles: np.ndarray, features: list[np.ndarray], labels: np.ndarray | None,
-                 n_store_tiles: int) -> None:
+                 n_store_tiles: int, images: np.ndarray | None = None) -> None:
         self.tiles = np.asarray(tiles, dtype=np.int64)
         self.features = features
         self.labels = labels
+        self.images = images  # (n, T, T, 3) uint8 tile pixels, for a head that takes them; else None
         self.row_of = np.full(n_store_tiles, -1, dtype=np.int64)
         self.row_of[self.tiles] = np.arange(len(self.tiles))
 
@@ -122,7 +128,8 @@ class InMemoryFeatures:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.features) + (self.labels.nbytes if self.labels is not None else 0)
+        held = [*self.features, *(a for a in (self.labels, self.images) if a is not None)]
+        return sum(a.nbytes for a in held)
 
     @property
     def with_labels(self) -> bool:
@@ -133,8 +140,10 @@ class InMemoryFeatures:
         return bool(len(tiles) == 0 or (tiles.max() < len(self.row_of) and (self.row_of[tiles] >= 0).all()))
 
     @classmethod
-    def load(cls, source: ShardSource, tiles: np.ndarray, window_shards: int = 8) -> InMemoryFeatures:
-        """Decode the shards that hold `tiles`, `window_shards` at a time, keeping only the selected rows."""
+    def load(cls, source: ShardSource, tiles: np.ndarray, window_shards: int = 8,
+             images: TileImages | None = None) -> InMemoryFeatures:
+        """Decode the shards that hold `tiles`, `window_shards` at a time, keeping only the selected rows (and,
+        with `images`, cut their pixels once)."""
         tiles = np.unique(np.asarray(tiles, dtype=np.int64))
         features = [np.empty((len(tiles), *rows.row_shape), dtype=rows.dtype) for rows in source.features]
         labels = (np.empty((len(tiles), *source.labels.row_shape), dtype=source.labels.dtype)
@@ -154,7 +163,8 @@ class InMemoryFeatures:
                 if labels is not None:
                     labels[span] = part.labels[rows]
                 position += len(mine)
-        return cls(tiles, features, labels, source.n_tiles)
+        pixels = images.pixels_of(tiles) if images is not None else None
+        return cls(tiles, features, labels, source.n_tiles, pixels)
 
 
 @dataclass
@@ -179,20 +189,22 @@ class MemoryPlan:
 
 
 def plan_memory(store: FeatureStore, pairs: list[tuple[int, str]], train_tiles: np.ndarray, val_tiles: np.ndarray,
-                budget: int, threads: int) -> MemoryPlan:
+                budget: int, threads: int, images: TileImages | None = None) -> MemoryPlan:
     """Train tiles (with labels) into RAM if they fit the budget, then validation tiles in what is left.
 
     Validation is read once per epoch, training once per epoch too, so each split held in RAM saves
     `epochs - 1` decodes of it; the train split comes first because augmentation reads it tile by tile.
+    With `images` (a head that takes the tile pixels) each split's pixels are counted and held with it.
     """
-    train_bytes = footprint(store, pairs, len(train_tiles), with_labels=True)
-    val_bytes = footprint(store, pairs, len(val_tiles), with_labels=False)
+    with_images = images is not None
+    train_bytes = footprint(store, pairs, len(train_tiles), with_labels=True, with_images=with_images)
+    val_bytes = footprint(store, pairs, len(val_tiles), with_labels=False, with_images=with_images)
     plan = MemoryPlan(budget, None, None, train_bytes, val_bytes)
 
     def load(tiles: np.ndarray, with_labels: bool) -> InMemoryFeatures:
         source = ShardSource(store, pairs, with_labels, threads)
         try:
-            return InMemoryFeatures.load(source, tiles)
+            return InMemoryFeatures.load(source, tiles, images=images)
         finally:
             source.close()
 

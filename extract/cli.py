@@ -50,6 +50,11 @@ def extract(
     scheduler: Annotated[
         str | None, typer.Option("--scheduler", help="address of a running dask scheduler to extract on")
     ] = None,
+    encoders: Annotated[
+        str | None, typer.Option("--encoders", help="frozen encoders whose patch-token maps to add as enc:<name>: "
+                                                    "hipt_vit_s16, timm:<arch>, python:module:factory (weights: "
+                                                    "--set extract.encoder_weights.<name>=PATH or random)")
+    ] = None,
     trust_checkpoint: TrustCheckpointOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -67,6 +72,7 @@ def extract(
         blocks=split_list(blocks),
         workers=workers,
         scheduler=scheduler,
+        encoders=split_list(encoders),
         trust_checkpoint=trust_checkpoint or None,
     )
     summary = run_extraction(cfg, overwrite=overwrite, show_progress=not quiet, store_path=store)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from pathseg.extract.ssl_encoders import SSL_ENCODERS, SSLEncoder, weights_digest
+from pathseg.extract.timm_vit import patch_token_maps
 from torch import nn
 from torch.nn import functional as F
 
@@ -116,6 +117,15 @@ class HIPTViT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)[:, 0]
+
+    def token_maps(self, x: torch.Tensor, layers: list[int] | None = None) -> list[torch.Tensor]:
+        """HIPT as a dense encoder, with TimmViT.token_maps' contract (DINO's key layout is timm's): one
+        (B, 384, H/16, W/16) map per block index, the last normed, earlier ones raw; positions resized DINO's way."""
+        patch = self.patch_embed.patch_size
+        rows, cols = x.shape[-2] // patch, x.shape[-1] // patch
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch_embed(x)], dim=1)
+        tokens = tokens + self.position_embedding(rows, cols)
+        return patch_token_maps(tokens, self.blocks, self.norm, layers, 1, (rows, cols))
 
 
 def hipt_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:

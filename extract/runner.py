@@ -17,7 +17,9 @@ from pathseg.extract.backbone_info import part_configs
 from pathseg.extract.backbone_sources import backbone_fingerprint, load_backbone
 from pathseg.extract.blocks import UNetLayout, block_table, canonical_block
 from pathseg.extract.cluster import ExtractionCluster
+from pathseg.extract.encoder_pass import extract_encoders
 from pathseg.extract.extractor import Extractor, extract_shards, prepare_for_device
+from pathseg.extract.feature_encoders import encoder_weights
 from pathseg.extract.precision import check_precision, pick_device, resolved_precision
 from pathseg.extract.ssl_encoders import weights_digest
 from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, store_ignore_index
@@ -130,6 +132,20 @@ def _prepare_images(store: FeatureStore, records, config: PipelineConfig, show_p
     return len(todo)
 
 
+def record_feature_costs(store: FeatureStore, work: dict[int, dict[int, list[str]]], seconds_per_tile: float,
+                         device: str) -> None:
+    """Each computed array's share of the pass: the pass ran one UNet forward per timestep, shared by its blocks,
+    so a timestep costs the pass over its timesteps (the z_0 encode is spread over them)."""
+    steps = {ts for wanted in work.values() for ts in wanted}
+    share = round(seconds_per_tile / max(len(steps), 1), 5)
+    costs = dict(store.attrs.get("feature_costs", {}))
+    for wanted in work.values():
+        for ts, blocks in wanted.items():
+            for block in blocks:
+                costs[feature_key(ts, block)] = {"seconds_per_tile": share, "device": device}
+    store.group.attrs["feature_costs"] = costs
+
+
 def uses_cluster(settings: ExtractConfig) -> bool:
     return settings.workers > 1 or bool(settings.scheduler)
 
@@ -169,6 +185,8 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
         )
     layout = UNetLayout.of(parts.unet)
     pairs = requested_arrays(config, layout)
+    for name in config.extract.encoders:  # a missing weights file fails now, not after the diffusion pass
+        encoder_weights(config.extract, name.strip())
     identity = store_identity(config, dataset.identity())
     fingerprint = digest(identity)
     store = _open_store(config, path, identity, fingerprint, dataset, records, overwrite)
@@ -199,27 +217,30 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
         for timestep, block in pairs:
             for shard in store.missing_shards(timestep, block):
                 work.setdefault(shard, {}).setdefault(timestep, []).append(block)
-        if not work:
-            summary.seconds = time.perf_counter() - started
-            return summary
-
-        total_tiles = store.tiles_in(work)
-        if cluster is not None:
+        total_tiles = store.tiles_in(work) if work else 0
+        diffusion_started = time.perf_counter()
+        t = config.tiling
+        source = TileSource(records, store.images, t.tile_size, t.stride, t.pad_mode)
+        if work and cluster is not None:
             latents_done = store.latent_shards_done()
             if not all(latents_done[s] for s in work):
                 store.ensure_latents((latent_channels, latent, latent))  # here, so no two workers create it
             cluster.extract(config, path, work, total_tiles)
-        else:
+        elif work:
             b = config.backbone
             backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
             extractor = Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device,
                                    allowed_code=config.conditioning.code_specs())  # the user's own config
-            t = config.tiling
-            source = TileSource(records, store.images, t.tile_size, t.stride, t.pad_mode)
             with progress_bar("extract", int(total_tiles), "tiles", show_progress) as advance:
                 extract_shards(extractor, store, source, work, advance)
-    summary.computed_tiles = total_tiles
+            del extractor, backbone
+        if work:
+            record_feature_costs(store, work, (time.perf_counter() - diffusion_started) / total_tiles,
+                                 "dask" if cluster is not None else device.type)
+        encoded_arrays, encoded_tiles = extract_encoders(config, store, source, pick_device(config.extract.device),
+                                                         show_progress, config.extract.code_specs())
+    summary.computed_tiles = max(total_tiles, encoded_tiles)
     computed = {feature_key(ts, b) for wanted in work.values() for ts, blocks in wanted.items() for b in blocks}
-    summary.computed_arrays = sorted(computed)
+    summary.computed_arrays = sorted(computed | set(encoded_arrays))
     summary.seconds = time.perf_counter() - started
     return summary

@@ -86,6 +86,9 @@ def build_config(config: Path | None, sets: list[str] | None, **flags: Any) -> P
         "ablate_seeds": "ablate.seeds",
         "ablate_baseline": "ablate.baseline",
         "ablate_select_on": "ablate.select_on",
+        "ablate_baselines": "ablate.baselines",
+        "ablate_baseline_epochs": "ablate.baseline_epochs",
+        "encoders": "extract.encoders",
         "trust_checkpoint": "backbone.trust_checkpoint",
     }
     for flag, value in flags.items():

@@ -17,13 +17,15 @@ from pathseg.extract.blocks import block_table
 from pathseg.extract.extractor import Extractor, prepare_for_device
 from pathseg.extract.precision import pick_device
 from pathseg.extract.tiles import PaddedView, tile_noise
+from pathseg.predict.run_encoders import encoder_maps, run_encoders
 from pathseg.train_head.runs import Run, load_run
 from pathseg.train_head.tile_images import normalise_pixels
 
 from pathseg.config import PRESET_BACKBONES, PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.imaging.tiling import Stitcher, tile_grid
-from pathseg.store import is_z0
+from pathseg.store import Z0_PAIR, is_z0
+from pathseg.store.names import has_timestep
 
 AUTOCAST_OF_PRECISION = {"float32": "off", "bfloat16": "bfloat16", "float16": "float16"}
 GLAS_MPP = 0.62005
@@ -57,7 +59,7 @@ def run_config(run: Run, backbone: str | None, device: str | None, trust_checkpo
     if backbone is not None:
         config.backbone.name = backbone
     name = config.backbone.name
-    if name not in PRESET_BACKBONES and not Path(name).exists():
+    if any(map(_needs_backbone, run.pairs)) and name not in PRESET_BACKBONES and not Path(name).exists():
         raise PathsegError(f"run {run.directory} was made with backbone {name}, which no longer exists; pass "
                            "--backbone with its new path")
     precision = run.record.get("store_compute_precision") or "float32"
@@ -65,6 +67,11 @@ def run_config(run: Run, backbone: str | None, device: str | None, trust_checkpo
     if device is not None:
         config.extract.device = device
     return config
+
+
+def _needs_backbone(pair: tuple[int, str]) -> bool:
+    """A UNet block or z0; encoder maps and the pixels need no diffusion backbone."""
+    return has_timestep(pair[1]) or is_z0(pair[1])
 
 
 class Predictor:
@@ -75,16 +82,19 @@ class Predictor:
         self.run = load_run(run_dir)
         self.config = run_config(self.run, backbone, device, trust_checkpoint, trust_run)
         self.device = pick_device(self.config.extract.device)
-        b = self.config.backbone
-        built = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
-        allowed = self.config.conditioning.code_specs() if trust_run else frozenset()
-        self.extractor = Extractor(prepare_for_device(built, self.device, False), self.config, self.device,
-                                    allowed_code=allowed)
-        self.head = self.run.load_head(self.device)
         self.pairs = self.run.pairs
+        self.extractor = self._diffusion_extractor(trust_run) if any(map(_needs_backbone, self.pairs)) else None
+        self.encoders = run_encoders(self.run, self.config, trust_run)
+        self.head = self.run.load_head(self.device)
         self.class_names: list[str] = list(self.run.record["class_names"])
         self.batch_size = batch_size or self.config.train.batch_size
         self.mpp = training_mpp(self.config)
+
+    def _diffusion_extractor(self, trust_run: bool) -> Extractor:
+        b = self.config.backbone
+        built = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
+        allowed = self.config.conditioning.code_specs() if trust_run else frozenset()
+        return Extractor(prepare_for_device(built, self.device, False), self.config, self.device, allowed_code=allowed)
 
     @property
     def tile_size(self) -> int:
@@ -93,7 +103,7 @@ class Predictor:
     def wanted(self) -> dict[int, list[str]]:
         blocks: dict[int, list[str]] = {}
         for timestep, block in self.pairs:
-            if not is_z0(block):  # the latent is computed anyway; it is not a UNet block
+            if has_timestep(block):  # z0 is computed anyway, and encoder maps are not the UNet's
                 blocks.setdefault(timestep, []).append(block)
         return blocks
 
@@ -103,21 +113,29 @@ class Predictor:
         S is the tile size, or `output_size`: slides keep the head's logits at its finest map's size (the
         head's final bilinear upsampling from that size is done when tiles are blended, with the same result).
         """
-        latent_shape = self.extractor.backbone.latent_shape(self.tile_size)
-        noise = tile_noise(self.config.extract.noise_seed, keys, latent_shape)
-        features, z0 = self.extractor.features(tiles, noise, self.wanted())
-        inputs = [torch.from_numpy(z0 if is_z0(pair[1]) else features[pair][0].astype(np.float32)).to(self.device)
-                  for pair in self.pairs]
-        if getattr(self.head, "needs_image", False):  # an image-skip head: the pixels, as the store's loader serves
+        maps: dict[tuple[int, str], np.ndarray] = {}
+        if self.extractor is not None:
+            latent_shape = self.extractor.backbone.latent_shape(self.tile_size)
+            noise = tile_noise(self.config.extract.noise_seed, keys, latent_shape)
+            features, z0 = self.extractor.features(tiles, noise, self.wanted())
+            maps = {pair: values for pair, (values, _) in features.items()}
+            maps[Z0_PAIR] = z0
+        if self.encoders:
+            maps.update(encoder_maps(self.encoders, tiles, self.device, self.config.extract.feature_dtype))
+        inputs = [torch.from_numpy(maps[pair].astype(np.float32)).to(self.device) for pair in self.pairs]
+        if getattr(self.head, "needs_image", False):  # the pixels, as the store's loader serves them
             inputs.append(torch.from_numpy(normalise_pixels(tiles)).to(self.device))
         with torch.inference_mode():
             return self.head(inputs, output_size or self.tile_size).float().cpu().numpy()
 
     def logits_size(self) -> int:
         """Side of the head's finest input map: the size its logits have before the last upsampling (the tile
-        size for a head with no such last step, e.g. pixel-mlp)."""
-        if not getattr(self.head, "logits_upsample_last", True):
+        size for a head with no such last step, e.g. pixel-mlp, or one given the pixels)."""
+        if not getattr(self.head, "logits_upsample_last", True) or getattr(self.head, "needs_image", False):
             return self.tile_size
+        recorded = self.run.record.get("map_sizes")
+        if recorded:
+            return max(int(size) for size in recorded)
         table = block_table(self.extractor.backbone.unet)
         latent = self.tile_size // self.extractor.backbone.latent_factor
         return max(latent if is_z0(block) else latent // table[block].downsample for _, block in self.pairs)

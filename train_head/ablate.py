@@ -21,6 +21,7 @@ from pathseg.train_head.ablation_plots import heatmap, lines
 from pathseg.train_head.evaluate import METRICS_VERSION, default_splits, evaluate_run
 from pathseg.train_head.fit import fit_head
 from pathseg.train_head.instance_choice import search_settings
+from pathseg.train_head.paper_table import paper_table
 from pathseg.train_head.runs import Run, default_run_dir, load_run, locate_store
 
 from pathseg.config import PipelineConfig, config_to_dict
@@ -83,7 +84,7 @@ def _cached_scores(run: Run, config: PipelineConfig, splits: list[str], store: F
 def ablation_dir(config: PipelineConfig, store: FeatureStore, plan: AblationPlan) -> Path:
     """runs/<store>/ablate-<key>: the key covers the grid, the seeds, the sweep and the base head, train, evaluate
     and decoding settings, so an ablation rescored with other decoding grids keeps its first leaderboard."""
-    key = digest({"store": store.fingerprint, "cells": [[list(c.pairs), list(c.settings)] for c in plan.cells],
+    key = digest({"store": store.fingerprint, "cells": [c.key for c in plan.cells],
                   "seeds": plan.seeds, "head": config.head.model_dump(mode="json"),
                   "train": config.train.model_dump(mode="json"), "evaluate": config.evaluate.model_dump(mode="json"),
                   "instances": config.instances.model_dump(mode="json")})
@@ -135,7 +136,7 @@ def run_ablation(config: PipelineConfig, *, swept: dict[str, list[Any]] | None =
                 scores.append(_score_run(config, store, cell, seed, splits))
                 advance(1)
     computed = sum(score.computed for score in scores)
-    summaries = board.summarise(plan.cells, scores, splits)
+    summaries = board.summarise(plan.cells, scores, splits, store)
     order = board.ranked(summaries, val_split, config.ablate.select_on)
     selected = order[0]
     _write_outputs(directory, config, store, plan, scores, summaries, order, val_split, test_splits,
@@ -156,18 +157,23 @@ def _write_outputs(directory: Path, config: PipelineConfig, store: FeatureStore,
     selected = order[0]
     chosen = (f"Chosen on {val_split} {board.METRICS[select_on]} (mean over {len(plan.seeds)} seeds): "
               f"{selected.cell.name}")
+    random_encoders = {block for block, info in store.attrs.get("encoders", {}).items() if info.get("random")}
     atomic_write_text(directory / "leaderboard.csv", board.csv_numbers(order, val_split, selected))
     atomic_write_text(directory / "leaderboard.md", "\n\n".join([
         "# Ablation leaderboard",
         f"Store `{store.path}` (fingerprint `{store.fingerprint[:12]}`), grid `{plan.grid}`, seeds {plan.seeds}. "
         f"Mean ± sample std over seeds. Test columns are filled for the chosen cell only.",
         chosen + ".",
+        *([f"Encoders with random weights (not a pretrained model's features): {', '.join(sorted(random_encoders))}."]
+          if random_encoders else []),
         board.markdown(headers, rows),
         "## Test scores of all cells (not for selection)",
         note,
         board.markdown(test_headers, test_table),
         "Object F1 follows the GlaS contest: TP/FP/FN pooled over all images of the split.",
     ]) + "\n")
+    atomic_write_text(directory / "paper_table.md",
+                      paper_table(summaries, val_split, test_splits, select_on, random_encoders))
     atomic_write_text(directory / "test_all_cells.csv", "# " + note + "\n" + board.csv_text(test_headers, test_table))
     figures = []
     if heatmap(summaries, plan.timesteps, plan.blocks, plan.grid, val_split, select_on,
@@ -194,6 +200,7 @@ def _write_outputs(directory: Path, config: PipelineConfig, store: FeatureStore,
         "select_on": f"{val_split} {select_on}",
         "selected": selected.cell.name,
         "runs": [{"cell": s.cell.name, "pairs": [list(p) for p in s.cell.pairs], "settings": dict(s.cell.settings),
+                  "baseline": s.cell.baseline,
                   "seed": s.seed, "run": str(s.run_dir), "computed": s.computed, "splits": s.splits} for s in scores],
         "figures": figures,
         "config": config_to_dict(config),

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from pathseg.config import HeadConfig, InstancesConfig, PipelineConfig, TrainConfig
 from pathseg.errors import PathsegError
 from pathseg.store import Z0_PAIR, FeatureStore, is_z0, pair_label
+from pathseg.store.names import ENCODER_PREFIX, ENCODER_TIMESTEP, RGB_BLOCK, has_timestep, is_encoder, is_rgb
 
 # instances.* change how a head's output becomes objects, not the head: cells that differ only there share runs
 SWEEPABLE_SECTIONS: dict[str, type[BaseModel]] = {"head": HeadConfig, "train": TrainConfig,
@@ -29,10 +30,18 @@ SPLIT_SETTINGS = {"train.train_split", "train.val_split"}  # one for the whole s
 class Cell:
     pairs: tuple[tuple[int, str], ...]  # the feature maps the head sees
     settings: tuple[tuple[str, Any], ...] = ()  # swept head.*/train.* values, as (dotted key, value)
+    # `rgb`: the head on the tile's pixels; a pixels-only kind (unet-resnet18, fcn8-vgg16): that network instead
+    # of the head; "" for a cell of stored maps
+    baseline: str = ""
 
     @property
     def features(self) -> str:
-        return " + ".join(pair_label(t, b) for t, b in self.pairs)
+        return self.baseline or " + ".join(pair_label(t, b) for t, b in self.pairs)
+
+    @property
+    def key(self) -> list:
+        """What the ablation's folder key holds of the cell (cells without `baseline` as they always were)."""
+        return [list(self.pairs), list(self.settings), *([self.baseline] if self.baseline else [])]
 
     @property
     def name(self) -> str:
@@ -148,7 +157,7 @@ def plan_ablation(config: PipelineConfig, store: FeatureStore, swept: dict[str, 
     a = config.ablate
     timesteps = [int(t) for t in (a.timesteps or config.extract.timesteps)]
     names = canonical_blocks(store, a.blocks or config.extract.blocks)
-    blocks = [b for b in names if not is_z0(b)]
+    blocks = [b for b in names if has_timestep(b) and not is_rgb(b)]
     maps = [(t, b) for t in timesteps for b in blocks]
     baseline = a.baseline or any(is_z0(b) for b in names)
     if not maps and not baseline:
@@ -159,8 +168,33 @@ def plan_ablation(config: PipelineConfig, store: FeatureStore, swept: dict[str, 
         check_kind(kind)  # the registry knows the kinds; the config only holds a name
     combos = [tuple(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())] or [()]
     cells = [Cell(pairs, combo) for pairs in feature_cells(maps, a.grid, baseline) for combo in combos]
+    named = [b for b in names if is_encoder(b) or is_rgb(b)]  # --blocks enc:x or rgb: rows of their own
+    cells += baseline_cells(store, [*named, *a.baselines], combos, cells)
     seeds = [config.train.seed + i for i in range(a.seeds)]
     return AblationPlan(timesteps, blocks, a.grid, seeds, axes, cells)
+
+
+def baseline_cells(store: FeatureStore, names: list[str], combos: list[tuple], cells: list[Cell]) -> list[Cell]:
+    """`ablate.baselines` as cells: z0, encoders and rgb under every swept head setting, as the diffusion cells;
+    a supervised network once per setting it reads (head.kind is its own, so a kind sweep does not repeat it)."""
+    from pathseg.train_head.heads import PIXEL_ONLY_KINDS
+
+    out: list[Cell] = []
+    for raw in dict.fromkeys(name.strip() for name in names if name.strip()):
+        if raw in PIXEL_ONLY_KINDS:
+            settings = dict.fromkeys(tuple((k, v) for k, v in combo if k != "head.kind") for combo in combos)
+            new = [Cell((), combo, raw) for combo in settings]
+        elif is_rgb(raw):
+            new = [Cell((), combo, RGB_BLOCK) for combo in combos]
+        elif is_z0(raw) or is_encoder(raw):
+            pair = Z0_PAIR if is_z0(raw) else (ENCODER_TIMESTEP, raw)
+            require_maps(store, [pair])
+            new = [Cell((pair,), combo) for combo in combos]
+        else:
+            kinds = ", ".join(sorted(PIXEL_ONLY_KINDS))
+            raise PathsegError(f"ablate.baselines: {raw!r} is not z0, rgb, enc:<encoder> or one of {kinds}")
+        out += [cell for cell in new if cell not in cells and cell not in out]
+    return out
 
 
 def require_maps(store: FeatureStore, pairs: list[tuple[int, str]]) -> None:
@@ -173,6 +207,10 @@ def require_maps(store: FeatureStore, pairs: list[tuple[int, str]]) -> None:
     if any(is_z0(b) for _, b in missing):
         raise PathsegError(f"{store.path} has no complete first-stage latents (z0); rerun `pathseg extract` with the "
                            "same config, or pass --no-baseline")
+    encoders = [b[len(ENCODER_PREFIX):] for _, b in missing if is_encoder(b)]
+    if encoders:
+        raise PathsegError(f"{store.path} lacks complete encoder maps of {', '.join(encoders)}; run `pathseg extract "
+                           f"--encoders {','.join(encoders)}` with the same config first")
     steps = ",".join(str(t) for t in dict.fromkeys(t for t, _ in missing))
     blocks = ",".join(dict.fromkeys(b for _, b in missing))
     listed = ", ".join(pair_label(t, b) for t, b in missing)
@@ -187,10 +225,13 @@ def run_config(config: PipelineConfig, cell: Cell, seed: int) -> PipelineConfig:
     timestep x block product, so fit-head is also handed the exact pairs.
     """
     overrides: dict[str, Any] = {key: value for key, value in cell.settings}
-    maps = [(t, b) for t, b in cell.pairs if not is_z0(b)]
+    maps = [(t, b) for t, b in cell.pairs if has_timestep(b)]
     overrides["head.timesteps"] = list(dict.fromkeys(t for t, _ in maps)) or None
-    overrides["head.blocks"] = list(dict.fromkeys(b for _, b in cell.pairs))
+    overrides["head.blocks"] = list(dict.fromkeys(b for _, b in cell.pairs)) or [RGB_BLOCK]
     overrides["train.seed"] = seed
+    if cell.baseline and not is_rgb(cell.baseline):  # a supervised network: its kind, and its epoch budget
+        overrides["head.kind"] = cell.baseline
+        overrides["train.epochs"] = config.ablate.baseline_epochs or config.train.epochs
     tree = config.model_dump(mode="python")
     for key, value in overrides.items():
         section, name = key.split(".", 1)

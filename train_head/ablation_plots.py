@@ -13,6 +13,7 @@ from pathseg.train_head.leaderboard import METRICS, CellSummary
 
 from pathseg.files import atomic_write_bytes
 from pathseg.store import is_z0, pair_label
+from pathseg.store.names import has_timestep
 
 
 def _pyplot():
@@ -61,7 +62,7 @@ def heatmap(summaries: list[CellSummary], timesteps: list[int], blocks: list[str
         if grid == "each":
             values = np.full((len(timesteps), len(blocks)), np.nan)
             for s in group:
-                if s.cell.single and not is_z0(s.cell.single[1]):
+                if s.cell.single and has_timestep(s.cell.single[1]):
                     t, b = s.cell.single
                     values[timesteps.index(t), blocks.index(b)] = s.mean(split, metric) or np.nan
             rows, columns = [f"t={t}" for t in timesteps], blocks
@@ -97,7 +98,7 @@ def heatmap(summaries: list[CellSummary], timesteps: list[int], blocks: list[str
 
 def lines(summaries: list[CellSummary], timesteps: list[int], blocks: list[str], split: str, path: Path) -> bool:
     """Each metric against the timestep, one line per block (and swept setting); z0 as a dashed level."""
-    singles = [s for s in summaries if s.cell.single and not is_z0(s.cell.single[1])]
+    singles = [s for s in summaries if s.cell.single and has_timestep(s.cell.single[1])]
     if not singles or not timesteps:
         return False
     pyplot = _pyplot()

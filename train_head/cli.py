@@ -149,6 +149,13 @@ def ablate(
     select_on: Annotated[
         str | None, typer.Option("--select-on", help="validation figure that chooses: miou, mean_dice, object_f1")
     ] = None,
+    baselines: Annotated[
+        str | None, typer.Option("--baselines", help="rows beside the diffusion cells: z0, enc:<encoder> and rgb under "
+                                                     "the same head; unet-resnet18, fcn8-vgg16 trained on the pixels")
+    ] = None,
+    baseline_epochs: Annotated[
+        int | None, typer.Option("--baseline-epochs", help="epochs of unet-resnet18 / fcn8-vgg16 (default: --epochs)")
+    ] = None,
     epochs: EpochsOption = None,
     store: StoreOption = None,
     out: Annotated[Path | None, typer.Option("--out", help="folder for the leaderboard and figures (default: "
@@ -169,6 +176,7 @@ def ablate(
         config, sets, dataset=dataset, data_root=data_root, backbone=backbone, backbone_config=backbone_config,
         epochs=epochs, ablate_timesteps=split_list(timesteps, int), ablate_blocks=split_list(blocks), ablate_grid=grid,
         ablate_seeds=seeds, ablate_baseline=baseline, ablate_select_on=select_on,
+        ablate_baselines=split_list(baselines), ablate_baseline_epochs=baseline_epochs,
     )
     run_ablation(cfg, swept=swept, store_path=store, out=out, show_progress=not quiet)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pathseg.train_head.contours import TileContours, check_target, contour_fold, run_class_names
-from pathseg.train_head.heads import build_head
+from pathseg.train_head.heads import PIXEL_ONLY_KINDS, build_head
 from pathseg.train_head.loader import StoreLoader
 from pathseg.train_head.runs import (
     EPOCH_SELECTION,
@@ -38,6 +38,7 @@ from pathseg.train_head.runs import (
     locate_store,
     publish_run,
     resolve_features,
+    run_takes_pixels,
     save_head,
     staging_dir,
 )
@@ -51,7 +52,8 @@ from pathseg.errors import PathsegError
 from pathseg.files import atomic_write_text
 from pathseg.memory_budget import resolve_budget
 from pathseg.progress import progress_bar, say
-from pathseg.store import FeatureStore, is_z0, software_versions
+from pathseg.store import FeatureStore, software_versions
+from pathseg.store.names import RGB_BLOCK, has_timestep, is_encoder
 
 
 def pick_device(name: str) -> torch.device:
@@ -142,7 +144,9 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
     device = pick_device(train.device)
     in_channels = [store.feature_array(t, b).shape[1] for t, b in pairs]
     class_names = run_class_names(store, config.head)
-    head = build_head(config.head.kind, in_channels, len(class_names), config.head.model_dump()).to(device)
+    with_pixels = run_takes_pixels(config)
+    head = build_head(config.head.kind, in_channels, len(class_names), config.head.model_dump(),
+                      with_pixels).to(device)
     contours = (TileContours.build(store, train_tiles, config.head.contour_width)
                 if config.head.target == "contour" else None)
     pixels = torch.Generator().manual_seed(train.seed)  # which pixels a sampling head trains on, reproducibly
@@ -234,9 +238,12 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
         "store_compute_precision": store.compute_precision,
         "extraction": extraction_identity(store),
         "pairs": [list(p) for p in pairs],
-        "timesteps": list(dict.fromkeys(t for t, b in pairs if not is_z0(b))),
-        "blocks": list(dict.fromkeys(b for _, b in pairs)),
+        "timesteps": list(dict.fromkeys(t for t, b in pairs if has_timestep(b))),
+        "blocks": list(dict.fromkeys(b for _, b in pairs)) + ([RGB_BLOCK] if with_pixels else []),
         "in_channels": in_channels,
+        "pixels": with_pixels,
+        "map_sizes": [int(store.feature_array(t, b).shape[-1]) for t, b in pairs],
+        "encoders": {b: store.attrs.get("encoders", {}).get(b) for _, b in pairs if is_encoder(b)},
         **record_classes,
         "ignore_index": ignore_index,
         "tile_size": store.tile_size,
@@ -260,6 +267,8 @@ def _fit_into(staged: Path, run_dir: Path, config: PipelineConfig, store: Featur
     atomic_write_text(staged / "run.json", json.dumps(record, indent=2))
     publish_run(staged, run_dir)
     if announce:
-        say(f"head trained on {len(train_tiles)} tiles x {len(pairs)} feature maps; best epoch {best_epoch}; "
-            f"run {run_dir}")
+        inputs = f"{len(pairs)} feature maps" + (" + the pixels" if with_pixels else "")
+        if config.head.kind in PIXEL_ONLY_KINDS:
+            inputs = f"the pixels ({config.head.kind})"
+        say(f"head trained on {len(train_tiles)} tiles x {inputs}; best epoch {best_epoch}; run {run_dir}")
     return FitResult(run_dir, best_epoch, best_metric if val_images else None, history)

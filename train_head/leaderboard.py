@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pathseg.train_head.ablation_costs import feature_seconds_per_tile, head_seconds_per_epoch
 from pathseg.train_head.ablation_grid import Cell
+
+from pathseg.store import FeatureStore
 
 # obj F1: connected components of the predicted map; inst F1: instances decoded by pathseg.metrics.instances (the
 # watershed from interior markers for a contour head), each with its own val-chosen minimum area
 METRICS = {"miou": "mIoU", "mean_dice": "Dice", "object_f1": "obj F1", "inst_f1": "inst F1"}
+STATS = [*METRICS, "pixel_accuracy"]  # what summaries hold: the tables' figures, and accuracy for paper_table.md
 OBJECT_METRICS = {"object_f1", "inst_f1"}  # only a store with instances (GlaS, synthetic) has them
 _OBJECT_SOURCES = {"object_f1": "objects", "inst_f1": "objects_decoded"}
 
@@ -44,26 +48,37 @@ class CellSummary:
     cell: Cell
     seeds: list[int]
     stats: dict[tuple[str, str], tuple[float | None, float | None]]  # (split, metric) -> (mean, std)
+    feature_seconds: float | None = None  # per tile, to compute the cell's inputs (0 for pixels)
+    head_seconds: float | None = None  # per epoch of training, mean over seeds
 
     def mean(self, split: str, metric: str) -> float | None:
         return self.stats.get((split, metric), (None, None))[0]
 
 
-def summarise(cells: list[Cell], scores: list[RunScore], splits: list[str]) -> list[CellSummary]:
-    """Mean and sample std over seeds (std 0 with one seed) of every figure, per cell."""
+def summarise(cells: list[Cell], scores: list[RunScore], splits: list[str],
+              store: FeatureStore | None = None) -> list[CellSummary]:
+    """Mean and sample std over seeds (std 0 with one seed) of every figure, per cell, and what it cost."""
     summaries = []
     for cell in cells:
         runs = [s for s in scores if s.cell == cell]
         stats: dict[tuple[str, str], tuple[float | None, float | None]] = {}
         for split in splits:
-            for metric in METRICS:
+            for metric in STATS:
                 values = [metric_value(r.splits[split], metric) for r in runs if split in r.splits]
                 values = [v for v in values if v is not None]
                 if values:
                     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                     stats[(split, metric)] = (float(np.mean(values)), std)
-        summaries.append(CellSummary(cell, [r.seed for r in runs], stats))
+        epochs = [head_seconds_per_epoch(r.run_dir) for r in runs]
+        known = [e for e in epochs if e is not None]
+        summaries.append(CellSummary(cell, [r.seed for r in runs], stats,
+                                     feature_seconds_per_tile(store, cell) if store is not None else None,
+                                     float(np.mean(known)) if known else None))
     return summaries
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def ranked(summaries: list[CellSummary], val_split: str, select_on: str) -> list[CellSummary]:
@@ -83,11 +98,13 @@ def _pm(stats: tuple[float | None, float | None] | None) -> str:
 
 def leaderboard_rows(order: list[CellSummary], val_split: str, test_splits: list[str]) -> tuple[list[str], list]:
     """All cells on validation; test columns only for the chosen (first) cell."""
-    headers = ["rank", "cell", "seeds"] + [f"{val_split} {label}" for label in METRICS.values()]
+    headers = ["rank", "cell", "seeds", "feature s/tile", "head s/epoch"]
+    headers += [f"{val_split} {label}" for label in METRICS.values()]
     headers += [f"{split} {label}" for split in test_splits for label in METRICS.values()]
     rows = []
     for rank, summary in enumerate(order, start=1):
-        row = [str(rank), summary.cell.name, str(len(summary.seeds))]
+        row = [str(rank), summary.cell.name, str(len(summary.seeds)), _seconds(summary.feature_seconds),
+               _seconds(summary.head_seconds)]
         row += [_pm(summary.stats.get((val_split, m))) for m in METRICS]
         for split in test_splits:
             row += [_pm(summary.stats.get((split, m))) if rank == 1 else "" for m in METRICS]
@@ -132,12 +149,15 @@ def csv_numbers(order: list[CellSummary], val_split: str, selected: CellSummary)
     in test_all_cells.csv, and the chosen cell's in leaderboard.md and the printed table.
     """
     splits = [val_split]
-    headers = ["cell", "features", "settings", "seeds", "selected"]
+    headers = ["cell", "features", "settings", "seeds", "selected", "feature_seconds_per_tile",
+               "head_seconds_per_epoch"]
     headers += [f"{split}_{m}_{kind}" for split in splits for m in METRICS for kind in ("mean", "std")]
     rows = []
     for summary in order:
         row = [summary.cell.name, summary.cell.features,
-               "; ".join(f"{k}={v}" for k, v in summary.cell.settings), len(summary.seeds), summary is selected]
+               "; ".join(f"{k}={v}" for k, v in summary.cell.settings), len(summary.seeds), summary is selected,
+               "" if summary.feature_seconds is None else f"{summary.feature_seconds:.6f}",
+               "" if summary.head_seconds is None else f"{summary.head_seconds:.3f}"]
         for split in splits:
             for m in METRICS:
                 mean, std = summary.stats.get((split, m), (None, None))

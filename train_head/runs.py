@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pathseg.train_head.heads import DEFAULT_KIND, build_head, keyed_settings
+from pathseg.train_head.heads import (
+    DEFAULT_KIND,
+    PIXEL_KINDS,
+    PIXEL_ONLY_KINDS,
+    build_head,
+    keyed_settings,
+    takes_pixels,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
@@ -28,8 +35,16 @@ from torch import nn
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.loading.data_files import read_json_object
-from pathseg.store import Z0_PAIR, FeatureStore, digest, is_z0, store_path_for
-from pathseg.store.names import Z0_BLOCK
+from pathseg.store import Z0_PAIR, FeatureStore, digest, store_path_for
+from pathseg.store.names import (
+    ENCODER_TIMESTEP,
+    RGB_BLOCK,
+    Z0_BLOCK,
+    has_timestep,
+    is_encoder,
+    is_rgb,
+    safe_name,
+)
 
 RUN_SCHEMA = 2  # 2: run.json holds head_sha256, the digest of the head.safetensors it describes
 HEAD_FILE = "head.safetensors"
@@ -37,36 +52,53 @@ RUN_FILES = ("run.json", HEAD_FILE, "history.json", "history.csv")  # what makes
 
 
 def resolve_features(config: PipelineConfig, store: FeatureStore) -> list[tuple[int, str]]:
-    """The head's (timestep, block) inputs: head.* when set, else everything extract.* asked for.
+    """The head's stored (timestep, block) inputs: head.* when set, else everything extract.* asked for.
 
     Block aliases (output_blocks.K) resolve through the table the extraction recorded, since this
-    stage never builds the backbone.
+    stage never builds the backbone. `rgb` names no stored array (see `takes_pixels`), and a pixels-only kind
+    (the supervised baselines) has no stored inputs at all.
     """
-    timesteps = config.head.timesteps or config.extract.timesteps
     names = config.head.blocks or config.extract.blocks
+    if config.head.kind in PIXEL_ONLY_KINDS:
+        others = [name for name in config.head.blocks or [] if name.strip() != RGB_BLOCK]
+        if others:
+            raise PathsegError(f"head.kind {config.head.kind} trains on the tile's pixels alone, but head.blocks "
+                               f"names {', '.join(others)}; set head.blocks to rgb (or leave it unset)")
+        return []
+    timesteps = config.head.timesteps or config.extract.timesteps
     pairs = feature_pairs(store, timesteps, names)
+    if not pairs and not takes_pixels(config.head.kind, names):
+        raise PathsegError("head.blocks selects no feature map; name at least one block, z0, enc:<encoder> or rgb")
     store.require(pairs)
     return pairs
 
 
+def run_takes_pixels(config: PipelineConfig) -> bool:
+    """Whether the run's head is given the tile's pixels (a pixel kind, or `rgb` among its blocks)."""
+    return takes_pixels(config.head.kind, config.head.blocks or config.extract.blocks)
+
+
 def canonical_blocks(store: FeatureStore, names: list[str]) -> list[str]:
-    """Block names as the store records them; `z0` (the first-stage latent) is always a valid name."""
+    """Block names as the store records them; `z0`, `rgb` and `enc:<encoder>` are valid by their own names
+    (whether the store holds an encoder's map is `require`'s to say)."""
     aliases: dict[str, str] = store.attrs.get("block_aliases", {})
     blocks = []
     for name in names:
         name = name.strip().replace(" ", "")
-        canonical = Z0_BLOCK if is_z0(name) else aliases.get(name, name)
-        if aliases and not is_z0(canonical) and canonical not in aliases.values():
-            valid = ", ".join([*dict.fromkeys(aliases.values()), Z0_BLOCK])
+        canonical = name if not has_timestep(name) or is_rgb(name) else aliases.get(name, name)
+        if aliases and has_timestep(canonical) and not is_rgb(canonical) and canonical not in aliases.values():
+            valid = ", ".join([*dict.fromkeys(aliases.values()), Z0_BLOCK, RGB_BLOCK, "enc:<encoder>"])
             raise PathsegError(f"unknown block {name!r} in head.blocks; valid blocks are: {valid}")
         blocks.append(canonical)
     return list(dict.fromkeys(blocks))
 
 
 def feature_pairs(store: FeatureStore, timesteps: list[int], names: list[str]) -> list[tuple[int, str]]:
-    """Every timestep x block, timestep-major; `z0` has no timestep, so it appears once, last."""
+    """Every timestep x UNet block, timestep-major; maps without a timestep (encoders, then z0) appear once, last;
+    `rgb` is no stored map and is left out."""
     blocks = canonical_blocks(store, names)
-    pairs = [(int(t), b) for t in timesteps for b in blocks if not is_z0(b)]
+    pairs = [(int(t), b) for t in timesteps for b in blocks if has_timestep(b) and not is_rgb(b)]
+    pairs += [(ENCODER_TIMESTEP, b) for b in blocks if is_encoder(b)]
     return pairs + [Z0_PAIR] if Z0_BLOCK in blocks else pairs
 
 
@@ -109,6 +141,7 @@ def run_key(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, 
         {
             "store": store.fingerprint,
             "pairs": pairs,
+            **({"pixels": True} if run_takes_pixels(config) and config.head.kind not in PIXEL_KINDS else {}),
             "head": keyed_settings(config.head),
             "train": {k: v for k, v in config.train.model_dump(mode="json").items() if k not in LOADER_SPEED_SETTINGS},
             "selection": {
@@ -121,8 +154,13 @@ def run_key(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, 
 
 def default_run_dir(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, str]]) -> Path:
     """runs/<store name>/<t...>_<blocks>_<key>: readable, and distinct for every ablation."""
-    steps = "-".join(f"t{t}" for t in dict.fromkeys(t for t, b in pairs if not is_z0(b)))
-    blocks = "-".join(dict.fromkeys(b for _, b in pairs))
+    steps = "-".join(f"t{t}" for t in dict.fromkeys(t for t, b in pairs if has_timestep(b)))
+    names = [*dict.fromkeys(b for _, b in pairs)]
+    if config.head.kind in PIXEL_ONLY_KINDS:
+        names = [config.head.kind]
+    elif run_takes_pixels(config) and config.head.kind not in PIXEL_KINDS:
+        names.append(RGB_BLOCK)
+    blocks = safe_name("-".join(names))
     name = f"{steps}_{blocks}" if steps else blocks
     return Path(config.runs_dir) / store.path.stem / f"{name}_{run_key(config, store, pairs)[:8]}"
 
@@ -180,8 +218,9 @@ class Run:
 
     def build_head(self) -> nn.Module:
         """The run's head kind, untrained; a record without `head.kind` predates head kinds and is `conv`."""
-        h = self.record["head"]
-        return build_head(h.get("kind", DEFAULT_KIND), self.record["in_channels"], len(self.record["class_names"]), h)
+        h = {**self.record["head"], "imagenet_weights": None}  # head.safetensors holds every weight it trained
+        return build_head(h.get("kind", DEFAULT_KIND), self.record["in_channels"], len(self.record["class_names"]), h,
+                          pixels=bool(self.record.get("pixels", False)))
 
     def head_bytes(self) -> bytes:
         """head.safetensors, once its sha256 is the one run.json holds: a head from another fit (a re-fit that

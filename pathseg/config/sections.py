@@ -213,6 +213,18 @@ class ExtractConfig(Section):
     compression_level: int = Field(3, ge=1, le=22)
     workers: int = Field(1, ge=1)
     scheduler: str | None = None
+    # frozen encoders whose patch-token maps go in the store as `enc:<name>` (hipt_vit_s16, timm:<arch>, python:...):
+    # each needs a local weights file, or the word `random` (marked random wherever its features are reported)
+    encoders: list[str] = []
+    encoder_weights: dict[str, str] = {}
+    # per encoder: the statistics its weights were trained with, when they are not the architecture's default
+    # (UNI and DINO weights on a timm ViT use imagenet; timm's augreg ViTs use half, i.e. mean = std = 0.5)
+    encoder_normalisation: dict[str, Literal["imagenet", "half"]] = {}
+    encoder_layers: list[int] = []  # blocks whose raw tokens are also stored (`enc:<name>@<k>`); the output always is
+
+    def code_specs(self) -> frozenset[str]:
+        """The `python:` encoders listed: code that only this section, written by the user, may have imported."""
+        return frozenset(name.strip() for name in self.encoders if name.strip().startswith(CODE_PREFIX))
 
     @field_validator("timesteps")
     @classmethod
@@ -247,6 +259,7 @@ class HeadConfig(Section):
     # boundary (DCAN), from the store's instance maps; scored with the band folded back into the gland class
     target: Literal["semantic", "contour"] = "semantic"
     contour_width: int = Field(3, ge=1)  # px at tile resolution, per instance: touching glands get 2x this apart
+    imagenet_weights: Path | None = None  # unet-resnet18 / fcn8-vgg16: a local torchvision-layout file; None = random
 
     @field_validator("mlp_hidden")
     @classmethod
@@ -291,6 +304,10 @@ class AblateConfig(Section):
     blocks: list[str] | None = None  # null = extract.blocks
     grid: Literal["each", "pairs", "all"] = "each"
     baseline: bool = True  # add a cell on z0 alone: the same head without diffusion
+    # more rows beside the diffusion cells: z0, enc:<encoder> and rgb under the same head, and the paper's supervised
+    # networks unet-resnet18 / fcn8-vgg16 trained on the pixels (for baseline_epochs, else train.epochs)
+    baselines: list[str] = []
+    baseline_epochs: int | None = Field(None, ge=1)
     seeds: int = Field(3, ge=1)
     sweep: dict[str, list[Any]] = {}  # head.* / train.* setting -> values, crossed with the feature cells
     select_on: Literal["miou", "mean_dice", "object_f1"] = "miou"

@@ -17,6 +17,8 @@ from pathseg.errors import PathsegError
 from pathseg.loading.data_files import escapes_folder
 
 BLOCK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[0-9]+)?$")  # up1, up2.2, mid, z0: one zarr path segment each
+# enc:timm:vit_small_patch16_224@3, enc:python:lab.models:uni: its array is encoders/<safe_name>, one segment
+ENCODER_NAME = re.compile(r"^enc:[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$")
 
 
 class _Strict(BaseModel):
@@ -58,7 +60,7 @@ class FeatureRow(_Strict):
     @field_validator("block")
     @classmethod
     def _block_name(cls, value: str) -> str:
-        if not BLOCK_NAME.match(value):
+        if not (BLOCK_NAME.match(value) or ENCODER_NAME.match(value)):
             raise ValueError(f"{value!r} is not a block name")
         return value
 

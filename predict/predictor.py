@@ -59,7 +59,7 @@ def run_config(run: Run, backbone: str | None, device: str | None, trust_checkpo
     if backbone is not None:
         config.backbone.name = backbone
     name = config.backbone.name
-    if any(map(_needs_backbone, run.pairs)) and name not in PRESET_BACKBONES and not Path(name).exists():
+    if name not in PRESET_BACKBONES and not Path(name).exists() and any(map(_needs_backbone, run.pairs)):
         raise PathsegError(f"run {run.directory} was made with backbone {name}, which no longer exists; pass "
                            "--backbone with its new path")
     precision = run.record.get("store_compute_precision") or "float32"

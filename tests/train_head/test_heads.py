@@ -50,11 +50,12 @@ def test_every_kind_builds_from_the_registry_and_gives_tile_logits(kind):
 
 
 def test_registry_lists_the_kinds_and_refuses_others_in_one_line():
-    assert head_kinds() == ["conv", "linear", "pixel-mlp", "conv-image"]
+    assert head_kinds() == ["conv", "linear", "pixel-mlp", "conv-image", "unet-resnet18", "fcn8-vgg16"]
     assert isinstance(build_head("linear", CHANNELS, 2, {}), LinearProbeHead)
     with pytest.raises(PathsegError) as error:
         build_head("x", CHANNELS, 2, {})
-    assert str(error.value) == "head.kind 'x' is not one of conv, linear, pixel-mlp, conv-image"
+    kinds = "conv, linear, pixel-mlp, conv-image, unet-resnet18, fcn8-vgg16"
+    assert str(error.value) == f"head.kind 'x' is not one of {kinds}"
 
 
 def test_cli_refuses_an_unknown_head_kind_in_one_line(monkeypatch, capsys, tmp_path):

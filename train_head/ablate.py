@@ -81,13 +81,22 @@ def _cached_scores(run: Run, config: PipelineConfig, splits: list[str], store: F
     return report["splits"] if same and all(split in report.get("splits", {}) for split in splits) else None
 
 
+def baseline_budgets(config: PipelineConfig, plan: AblationPlan) -> dict[str, int]:
+    from pathseg.train_head.heads import PIXEL_ONLY_KINDS
+
+    kinds = sorted({cell.baseline for cell in plan.cells if cell.baseline in PIXEL_ONLY_KINDS})
+    return {kind: config.ablate.epochs_of(kind, config.train.epochs) for kind in kinds}
+
+
 def ablation_dir(config: PipelineConfig, store: FeatureStore, plan: AblationPlan) -> Path:
     """runs/<store>/ablate-<key>: the key covers the grid, the seeds, the sweep and the base head, train, evaluate
     and decoding settings, so an ablation rescored with other decoding grids keeps its first leaderboard."""
     key = digest({"store": store.fingerprint, "cells": [c.key for c in plan.cells],
                   "seeds": plan.seeds, "head": config.head.model_dump(mode="json"),
                   "train": config.train.model_dump(mode="json"), "evaluate": config.evaluate.model_dump(mode="json"),
-                  "instances": config.instances.model_dump(mode="json")})
+                  "instances": config.instances.model_dump(mode="json"),
+                  # only where a supervised network is trained, so keys of ablations without one are unchanged
+                  **({"baseline_epochs": epochs} if (epochs := baseline_budgets(config, plan)) else {})})
     return Path(config.runs_dir) / store.path.stem / f"ablate-{plan.grid}-{key[:8]}"
 
 

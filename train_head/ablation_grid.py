@@ -170,6 +170,7 @@ def plan_ablation(config: PipelineConfig, store: FeatureStore, swept: dict[str, 
     cells = [Cell(pairs, combo) for pairs in feature_cells(maps, a.grid, baseline) for combo in combos]
     named = [b for b in names if is_encoder(b) or is_rgb(b)]  # --blocks enc:x or rgb: rows of their own
     cells += baseline_cells(store, [*named, *a.baselines], combos, cells)
+    check_baseline_epochs(a.baseline_epochs)
     seeds = [config.train.seed + i for i in range(a.seeds)]
     return AblationPlan(timesteps, blocks, a.grid, seeds, axes, cells)
 
@@ -195,6 +196,15 @@ def baseline_cells(store: FeatureStore, names: list[str], combos: list[tuple], c
             raise PathsegError(f"ablate.baselines: {raw!r} is not z0, rgb, enc:<encoder> or one of {kinds}")
         out += [cell for cell in new if cell not in cells and cell not in out]
     return out
+
+
+def check_baseline_epochs(epochs: int | dict[str, int] | None) -> None:
+    from pathseg.train_head.heads import PIXEL_ONLY_KINDS
+
+    unknown = sorted(set(epochs) - set(PIXEL_ONLY_KINDS)) if isinstance(epochs, dict) else []
+    if unknown:
+        kinds = ", ".join(sorted(PIXEL_ONLY_KINDS))
+        raise PathsegError(f"ablate.baseline_epochs: {', '.join(unknown)} is not a supervised network ({kinds})")
 
 
 def require_maps(store: FeatureStore, pairs: list[tuple[int, str]]) -> None:
@@ -231,7 +241,7 @@ def run_config(config: PipelineConfig, cell: Cell, seed: int) -> PipelineConfig:
     overrides["train.seed"] = seed
     if cell.baseline and not is_rgb(cell.baseline):  # a supervised network: its kind, and its epoch budget
         overrides["head.kind"] = cell.baseline
-        overrides["train.epochs"] = config.ablate.baseline_epochs or config.train.epochs
+        overrides["train.epochs"] = config.ablate.epochs_of(cell.baseline, config.train.epochs)
     tree = config.model_dump(mode="python")
     for key, value in overrides.items():
         section, name = key.split(".", 1)

@@ -154,7 +154,8 @@ def ablate(
                                                      "the same head; unet-resnet18, fcn8-vgg16 trained on the pixels")
     ] = None,
     baseline_epochs: Annotated[
-        int | None, typer.Option("--baseline-epochs", help="epochs of unet-resnet18 / fcn8-vgg16 (default: --epochs)")
+        str | None, typer.Option("--baseline-epochs", help="epochs of unet-resnet18 / fcn8-vgg16 (default: --epochs): "
+                                                           "N for both, or per network: unet-resnet18=4,fcn8-vgg16=1")
     ] = None,
     epochs: EpochsOption = None,
     store: StoreOption = None,
@@ -176,9 +177,30 @@ def ablate(
         config, sets, dataset=dataset, data_root=data_root, backbone=backbone, backbone_config=backbone_config,
         epochs=epochs, ablate_timesteps=split_list(timesteps, int), ablate_blocks=split_list(blocks), ablate_grid=grid,
         ablate_seeds=seeds, ablate_baseline=baseline, ablate_select_on=select_on,
-        ablate_baselines=split_list(baselines), ablate_baseline_epochs=baseline_epochs,
+        ablate_baselines=split_list(baselines), ablate_baseline_epochs=parse_baseline_epochs(baseline_epochs),
     )
     run_ablation(cfg, swept=swept, store_path=store, out=out, show_progress=not quiet)
+
+
+def parse_baseline_epochs(text: str | None) -> int | dict[str, int] | None:
+    """`4` for every supervised network, or `unet-resnet18=4,fcn8-vgg16=1` (a bare number sets the others)."""
+    if text is None:
+        return None
+    budgets: dict[str, int] = {}
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            kind, _, count = part.rpartition("=")
+            budgets[kind.strip()] = int(count)
+    except ValueError:
+        raise PathsegError(f"--baseline-epochs {text!r}: give N or NETWORK=N[,NETWORK=N]") from None
+    if set(budgets) == {""}:
+        return budgets[""]
+    if "" in budgets:
+        from pathseg.train_head.heads import PIXEL_ONLY_KINDS
+
+        default = budgets.pop("")
+        budgets = {kind: default for kind in sorted(PIXEL_ONLY_KINDS)} | budgets
+    return budgets
 
 
 def _yaml(value: object) -> str:

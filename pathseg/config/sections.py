@@ -307,10 +307,26 @@ class AblateConfig(Section):
     # more rows beside the diffusion cells: z0, enc:<encoder> and rgb under the same head, and the paper's supervised
     # networks unet-resnet18 / fcn8-vgg16 trained on the pixels (for baseline_epochs, else train.epochs)
     baselines: list[str] = []
-    baseline_epochs: int | None = Field(None, ge=1)
+    # epochs of those networks: one number for both, or per network ({fcn8-vgg16: 1, unet-resnet18: 4}, others
+    # train.epochs), since FCN-8s costs 3x a ResNet-18 U-Net per epoch
+    baseline_epochs: int | dict[str, int] | None = None
     seeds: int = Field(3, ge=1)
     sweep: dict[str, list[Any]] = {}  # head.* / train.* setting -> values, crossed with the feature cells
     select_on: Literal["miou", "mean_dice", "object_f1"] = "miou"
+
+    @field_validator("baseline_epochs")
+    @classmethod
+    def _epochs_are_positive(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        counts = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(count < 1 for count in counts):
+            raise ValueError("epochs must be at least 1")
+        return value
+
+    def epochs_of(self, kind: str, default: int) -> int:
+        """The epoch budget of supervised network `kind`."""
+        if isinstance(self.baseline_epochs, dict):
+            return self.baseline_epochs.get(kind, default)
+        return self.baseline_epochs or default
 
 
 class PretrainConfig(Section):

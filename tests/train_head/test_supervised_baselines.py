@@ -307,3 +307,42 @@ def test_fcn_upsamplings_start_bilinear(fcn):
     reference = F.interpolate(scores, scale_factor=8, mode="bilinear", align_corners=False)
     assert learned.shape == reference.shape == (1, K, 48, 48)
     assert torch.allclose(learned[..., 8:-8, 8:-8], reference[..., 8:-8, 8:-8], atol=1e-5)
+
+
+@pytest.mark.parametrize(("text", "budgets"), [
+    ("3", 3),
+    ("fcn8-vgg16=1", {"fcn8-vgg16": 1}),
+    ("4, fcn8-vgg16=1", {"fcn8-vgg16": 1, "unet-resnet18": 4}),
+])
+def test_baseline_epochs_per_network(text, budgets):
+    from pathseg.train_head.ablation_grid import Cell, run_config
+    from pathseg.train_head.cli import parse_baseline_epochs
+
+    from pathseg.config import PipelineConfig
+
+    assert parse_baseline_epochs(text) == budgets
+    config = PipelineConfig.model_validate({"train": {"epochs": 7}, "ablate": {"baseline_epochs": budgets}})
+    epochs = {kind: run_config(config, Cell((), (), kind), 0).train.epochs for kind in ("unet-resnet18", "fcn8-vgg16")}
+    expected = {kind: budgets if isinstance(budgets, int) else budgets.get(kind, 7) for kind in epochs}
+    assert epochs == expected
+    assert run_config(config, Cell(((50, "up1"),)), 0).train.epochs == 7  # a head on features keeps train.epochs
+
+
+@pytest.mark.parametrize("text", ["two", "fcn8-vgg16=", "fcn8-vgg16=1.5"])
+def test_a_malformed_baseline_budget_fails_in_one_line(text):
+    from pathseg.train_head.cli import parse_baseline_epochs
+
+    with pytest.raises(PathsegError, match="--baseline-epochs"):
+        parse_baseline_epochs(text)
+
+
+def test_budgets_for_unknown_networks_or_under_one_epoch_are_refused():
+    from pathseg.train_head.ablation_grid import check_baseline_epochs
+    from pydantic import ValidationError
+
+    from pathseg.config import PipelineConfig
+
+    with pytest.raises(PathsegError, match="ablate.baseline_epochs: vgg19 is not a supervised network"):
+        check_baseline_epochs({"vgg19": 2, "fcn8-vgg16": 1})
+    with pytest.raises(ValidationError, match="at least 1"):
+        PipelineConfig.model_validate({"ablate": {"baseline_epochs": {"fcn8-vgg16": 0}}})

@@ -42,9 +42,12 @@ class Conditioning:
         """`tiles`: (B, 3, T, T) in [0, 1]; returns (B, tokens, context_dim)."""
         if self.patch is None:
             return self.projector.null_context(tiles.shape[0])
-        patch = self.patch.embed(tiles).float()
+        return self.from_patch_embedding(self.patch.embed(tiles), tiles)
+
+    def from_patch_embedding(self, patch: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        """The context from a patch embedding computed elsewhere (a shared forward, `shared_encoder.py`)."""
         region = self.region.embed(tiles).float() if self.region is not None else None
-        return self.projector(patch, region)
+        return self.projector(patch.float(), region)
 
     def identity(self) -> dict:
         return {

@@ -24,14 +24,14 @@ from pathseg.store import FeatureStore, feature_key
 from pathseg.store.names import ENCODER_TIMESTEP
 
 ENCODERS_ATTR = "encoders"
-COST_KEYS = ("seconds_per_tile", "device")  # how long it took, never what it computed
+COST_KEYS = ("seconds_per_tile", "device", "shared")  # how and how long, never what it computed
 
 
 def _to_input(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(tiles).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _check_identity(store: FeatureStore, block: str, encoder: FeatureEncoder) -> None:
+def check_identity(store: FeatureStore, block: str, encoder: FeatureEncoder) -> None:
     recorded = store.attrs.get(ENCODERS_ATTR, {}).get(block)
     if recorded is None:
         return
@@ -62,21 +62,17 @@ def extract_encoders(config: PipelineConfig, store: FeatureStore, source: TileSo
     encoded = 0
     for encoder in encoders:
         for block in encoder.blocks(layers):
-            _check_identity(store, block, encoder)
+            check_identity(store, block, encoder)
         work = encoder_work(store, encoder, layers)
         shards = sorted(set().union(*work.values()))
         if not shards:
             continue
         encoder.module.to(device)
-        with torch.inference_mode():
-            probe = encoder.maps(torch.zeros(1, 3, store.tile_size, store.tile_size, device=device), layers)
-        for block, value in zip(encoder.blocks(layers), probe, strict=True):
-            store.ensure_feature(ENCODER_TIMESTEP, block, *value.shape[1:], config.extract.feature_dtype)
-        _record(store, encoder, layers, None, device)  # before any shard, so a stopped run keeps whose shards they are
+        create_arrays(config, store, encoder, layers, device)
         started = time.perf_counter()
         tiles_done = _encode_shards(config, store, source, encoder, layers, work, shards, device, show_progress)
         seconds = time.perf_counter() - started
-        _record(store, encoder, layers, seconds / max(tiles_done, 1), device)
+        record_encoder(store, encoder, layers, seconds / max(tiles_done, 1), device)
         computed += [feature_key(ENCODER_TIMESTEP, block) for block, todo in work.items() if todo]
         encoded += tiles_done
         encoder.module.to("cpu")
@@ -107,10 +103,23 @@ def _encode_shards(config: PipelineConfig, store: FeatureStore, source: TileSour
     return total
 
 
-def _record(store: FeatureStore, encoder: FeatureEncoder, layers: list[int], seconds_per_tile: float | None,
-            device: torch.device) -> None:
+def create_arrays(config: PipelineConfig, store: FeatureStore, encoder: FeatureEncoder, layers: list[int],
+                  device: torch.device) -> None:
+    """The encoder's arrays, shaped by one probe forward, and its identity recorded before any shard is written,
+    so a stopped run keeps whose shards they are."""
+    with torch.inference_mode():
+        probe = encoder.maps(torch.zeros(1, 3, store.tile_size, store.tile_size, device=device), layers)
+    for block, value in zip(encoder.blocks(layers), probe, strict=True):
+        store.ensure_feature(ENCODER_TIMESTEP, block, *value.shape[1:], config.extract.feature_dtype)
+    record_encoder(store, encoder, layers, None, device)
+
+
+def record_encoder(store: FeatureStore, encoder: FeatureEncoder, layers: list[int], seconds_per_tile: float | None,
+                   device: torch.device, *, shared: bool = False) -> None:
+    """`shared`: computed in the diffusion pass by the conditioning's own forward (its cost is then that forward's)."""
     recorded = dict(store.attrs.get(ENCODERS_ATTR, {}))
     for block, layer in zip(encoder.blocks(layers), [None, *layers], strict=True):
         seconds = None if seconds_per_tile is None else round(seconds_per_tile, 5)
-        recorded[block] = {**encoder.identity, "layer": layer, "seconds_per_tile": seconds, "device": device.type}
+        recorded[block] = {**encoder.identity, "layer": layer, "seconds_per_tile": seconds, "device": device.type,
+                           **({"shared": True} if shared else {})}
     store.group.attrs[ENCODERS_ATTR] = recorded

@@ -16,10 +16,12 @@ from pathseg.extract.backbone import Backbone
 from pathseg.extract.blocks import FeatureCapture
 from pathseg.extract.conditioning import build_conditioning
 from pathseg.extract.precision import autocast_for
+from pathseg.extract.shared_encoder import SharedEncoder
 from pathseg.extract.tiles import TileSource, tile_noise
 
 from pathseg.config import PipelineConfig
 from pathseg.store import FeatureStore
+from pathseg.store.names import ENCODER_TIMESTEP
 
 
 def _to_model_input(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -61,6 +63,9 @@ class Extractor:
         self.scheduler_alphas = backbone.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self._capture: FeatureCapture | None = None
         self._lock = threading.Lock()
+        # the conditioning encoder's maps, from the forward that conditions (`shared_encoder.py`), for work that
+        # asks for ENCODER_TIMESTEP blocks
+        self.shared: SharedEncoder | None = None
 
     def capture(self, blocks: list[str]) -> FeatureCapture:
         """One capture for every block asked so far: its hooks stay put, so a compiled UNet compiles once
@@ -107,11 +112,20 @@ class Extractor:
                 latents = torch.from_numpy(z0).to(self.device)
             if images01 is None:  # z_0 cached and no SSL encoder: the null context needs no pixels
                 context = self.conditioning.projector.null_context(len(noise))
+            elif self.shared is not None and ENCODER_TIMESTEP in wanted:
+                embedding, maps = self.shared.embed_and_maps(images01)
+                context = self.conditioning.from_patch_embedding(embedding, images01)
+                for block, value in zip(self.shared.blocks, maps, strict=True):
+                    if block in wanted[ENCODER_TIMESTEP]:  # float32 maps, like the encoder pass's
+                        largest = value.detach().abs().amax(dim=(1, 2, 3)).float()
+                        pending[(ENCODER_TIMESTEP, block)] = (_to_host(value.float().to(storage)), _to_host(largest))
             else:
                 context = self.conditioning(images01)
             noise = noise.to(self.device)
             z0 = latents
             for timestep, blocks in wanted.items():
+                if timestep == ENCODER_TIMESTEP:
+                    continue
                 abar = self.scheduler_alphas[timestep]
                 zt = abar.sqrt() * z0 + (1.0 - abar).sqrt() * noise
                 steps = torch.full((z0.shape[0],), timestep, device=self.device, dtype=torch.long)

@@ -53,13 +53,17 @@ class FeatureEncoder:
         """The store's block names for this encoder: its output, then each asked layer."""
         return [encoder_block(self.name), *(encoder_block(self.name, k) for k in layers)]
 
-    def maps(self, images01: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
-        """(B, 3, T, T) tiles in [0, 1] -> one (B, D, h, w) map per block of `blocks(layers)`."""
+    def prepare(self, images01: torch.Tensor) -> torch.Tensor:
+        """Tiles in [0, 1] resized and normalised as the encoder wants them (as SSLEncoder.embed does)."""
         x = images01
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                               antialias=True)
-        x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
+        return (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
+
+    def maps(self, images01: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """(B, 3, T, T) tiles in [0, 1] -> one (B, D, h, w) map per block of `blocks(layers)`."""
+        x = self.prepare(images01)
         if hasattr(self.module, "token_maps"):
             return list(self.module.token_maps(x, [-1, *layers]))
         if layers:

@@ -121,11 +121,24 @@ class HIPTViT(nn.Module):
     def token_maps(self, x: torch.Tensor, layers: list[int] | None = None) -> list[torch.Tensor]:
         """HIPT as a dense encoder, with TimmViT.token_maps' contract (DINO's key layout is timm's): one
         (B, 384, H/16, W/16) map per block index, the last normed, earlier ones raw; positions resized DINO's way."""
+        return self.embed_and_maps(x, layers)[1]
+
+    def embed_and_maps(self, x: torch.Tensor,
+                       layers: list[int] | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """`forward`'s CLS embedding and `token_maps` from one pass, so extraction that conditions on HIPT and
+        stores its maps runs the ViT once per tile (the embedding is None unless the last block is asked)."""
         patch = self.patch_embed.patch_size
         rows, cols = x.shape[-2] // patch, x.shape[-1] // patch
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch_embed(x)], dim=1)
         tokens = tokens + self.position_embedding(rows, cols)
-        return patch_token_maps(tokens, self.blocks, self.norm, layers, 1, (rows, cols))
+        normed: list[torch.Tensor] = []
+
+        def final_norm(last: torch.Tensor) -> torch.Tensor:
+            normed.append(self.norm(last))
+            return normed[-1]
+
+        maps = patch_token_maps(tokens, self.blocks, final_norm, layers, 1, (rows, cols))
+        return (normed[0][:, 0] if normed else None), maps
 
 
 def hipt_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:

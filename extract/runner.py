@@ -21,6 +21,7 @@ from pathseg.extract.encoder_pass import extract_encoders
 from pathseg.extract.extractor import Extractor, extract_shards, prepare_for_device
 from pathseg.extract.feature_encoders import encoder_weights
 from pathseg.extract.precision import check_precision, pick_device, resolved_precision
+from pathseg.extract.shared_encoder import share_encoder
 from pathseg.extract.ssl_encoders import weights_digest
 from pathseg.extract.tiles import TileSource, labels_for_tiles, plan_tiles, store_ignore_index
 
@@ -30,6 +31,7 @@ from pathseg.errors import PathsegError
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore, digest, feature_key, store_lock, store_path_for
 from pathseg.store.disk import remove_partial_files
+from pathseg.store.names import ENCODER_TIMESTEP
 
 
 @dataclass
@@ -231,11 +233,18 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
             backbone = load_backbone(b.name, b.config, b.seed, trust_checkpoint=b.trust_checkpoint)
             extractor = Extractor(prepare_for_device(backbone, device, config.extract.compile), config, device,
                                    allowed_code=config.conditioning.code_specs())  # the user's own config
+            precision = resolved_precision(device, config.extract.autocast)
+            extractor.shared = share_encoder(config, store, extractor.conditioning, work, device, precision,
+                                             config.extract.code_specs())
             with progress_bar("extract", int(total_tiles), "tiles", show_progress) as advance:
                 extract_shards(extractor, store, source, work, advance)
+            if extractor.shared is not None:
+                extractor.shared.record(store, device)
             del extractor, backbone
         if work:
-            record_feature_costs(store, work, (time.perf_counter() - diffusion_started) / total_tiles,
+            diffusion = {shard: {ts: b for ts, b in wanted.items() if ts != ENCODER_TIMESTEP}
+                         for shard, wanted in work.items()}
+            record_feature_costs(store, diffusion, (time.perf_counter() - diffusion_started) / total_tiles,
                                  "dask" if cluster is not None else device.type)
         encoded_arrays, encoded_tiles = extract_encoders(config, store, source, pick_device(config.extract.device),
                                                          show_progress, config.extract.code_specs())

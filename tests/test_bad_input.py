@@ -130,6 +130,7 @@ def test_checkpoint_with_missing_keys(here, monkeypatch, capsys):
         ("tiling:\n  tile_size: big\n", ["pipeline.yaml", "tiling.tile_size", "integer"]),
         ("extract:\n  blocks: up1\n", ["pipeline.yaml", "extract.blocks", "list"]),
         ("datset:\n  name: glas\n", ["pipeline.yaml", "datset", "unknown key"]),
+        ("tiling:\n  tile_size: 64\n", ["pipeline.yaml", "stride 192 is larger than tile_size 64", "tiling.stride"]),
     ],
 )
 def test_yaml_with_unknown_or_mistyped_keys(here, monkeypatch, capsys, text, expected):

@@ -73,7 +73,7 @@ def test_a_splits_file_that_points_outside_its_folder_is_refused(here, monkeypat
         Image.fromarray(np.zeros((40, 50), np.uint8)).save(root / "masks" / f"{name}.png")
     (root / "splits.csv").write_text(f"stem,split\n{stem},train\nb,test\n")
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "folder", "--data-root", str(root),
-                           "--set", "tiling.tile_size=64", "--quiet")
+                           "--set", "tiling.tile_size=64", "--set", "tiling.stride=64", "--quiet")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "splits.csv:2" in lines[0] and "not an image stem" in lines[0]

@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pathseg.config.scoring import EvaluateConfig, InstancesConfig
 from pathseg.config.section import Section
@@ -163,6 +163,13 @@ class TilingConfig(Section):
         if value % 32:
             raise ValueError(f"tile_size {value} must be a multiple of 32 (f4 latent, 3 UNet downsamplings)")
         return value
+
+    @model_validator(mode="after")
+    def _stride_covers_every_pixel(self) -> TilingConfig:
+        if self.stride > self.tile_size:
+            raise ValueError(f"stride {self.stride} is larger than tile_size {self.tile_size}, so pixels between "
+                             "tiles would be skipped; set tiling.stride to at most tiling.tile_size")
+        return self
 
 
 class BackboneConfig(Section):

@@ -28,7 +28,7 @@ from pathseg.cli_options import (
     build_config,
     split_list,
 )
-from pathseg.errors import PathsegError
+from pathseg.errors import PathsegError, ReportedElsewhere
 from pathseg.extract.cli import backbone_app, convert_ldm_command, extract
 from pathseg.predict.cli import predict
 from pathseg.pretrain.cli import pretrain
@@ -103,6 +103,8 @@ def main() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
+    except ReportedElsewhere:
+        sys.exit(2)
     except PathsegError as error:
         _fail(str(error))
     except KeyboardInterrupt:

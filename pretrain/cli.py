@@ -22,6 +22,37 @@ def _as_overrides(values: dict[str, object]) -> list[str]:
             for key, value in values.items() if value is not None]
 
 
+def launch_local_processes(count: int) -> int:
+    """This same command, without --processes, in `count` processes on this machine: what `torchrun --standalone
+    --nproc_per_node count` does, through its own launcher, so a failed process ends in one line, not its traceback."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            argv.append(arg)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
+    try:
+        elastic_launch(config, sys.executable)("-m", "pathseg.cli", *argv)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        say(f"pretraining stopped: process {rank} of {count} exited with code {failure.exitcode} (its error is above); "
+            "once that is fixed, rerun the same command: a stopped run resumes from its last checkpoint")
+        return 1
+    return 0
+
+
 def pretrain(
     out: Annotated[Path, typer.Option("--out", help="directory for the pretrained backbone (diffusers format)")],
     config: ConfigOption = None,
@@ -45,15 +76,29 @@ def pretrain(
         bool, typer.Option(help="pretrain --out afresh: replace the finished backbone there (even one of these "
                                 "settings) or a checkpoint made with other settings")
     ] = False,
+    processes: Annotated[
+        int | None, typer.Option("--processes", min=1, help="data-parallel processes started here (torchrun "
+                                                           "--standalone); one per GPU, or CPU processes")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Pretrain a backbone: the first-stage autoencoder, then the conditioned UNet, on unlabelled tiles."""
+    """Pretrain a backbone: the first-stage autoencoder, then the conditioned UNet, on unlabelled tiles.
+
+    Under torchrun (`torchrun --nproc_per_node 4 -m pathseg.cli pretrain ...`) each process trains on its part of
+    every batch; --processes N starts N such processes on this machine for you.
+    """
+    import os
+
+    if processes is not None and processes > 1 and "WORLD_SIZE" not in os.environ:  # not already under torchrun
+        raise typer.Exit(launch_local_processes(processes))
     from pathseg.pretrain.command import run_pretraining
 
     flags = {"pretrain.preset": preset, "pretrain.steps": steps, "pretrain.slides": slides,
              "pretrain.level0_mpp": mpp, "pretrain.force_level0_mpp": force_mpp or None}
     cfg = build_config(config, [*(set_ or []), *_as_overrides(flags)], dataset=dataset, data_root=data_root)
     summary = run_pretraining(cfg, out, overwrite=overwrite, show_progress=not quiet)
+    if not summary.main:  # another process of a torchrun: rank 0 reports
+        return
     record = summary.record
     if summary.already_done:
         say(f"{out} already holds this pretraining (record {out / 'pretrain.json'}): nothing to do; add --overwrite "

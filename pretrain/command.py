@@ -20,6 +20,14 @@ import torch
 from pathseg.extract.precision import pick_device
 from pathseg.pretrain.checkpoints import CHECKPOINT, load_checkpoint, remove_stale_temporaries
 from pathseg.pretrain.data import build_stream
+from pathseg.pretrain.distributed import (
+    Processes,
+    decided_by_main,
+    device_of,
+    processes_from_environment,
+    start,
+    stop,
+)
 from pathseg.pretrain.identity import (
     differences,
     normalised,
@@ -50,6 +58,7 @@ class PretrainSummary:
     already_done: bool = False
     record: dict[str, Any] = field(default_factory=dict)
     resumed_from: int | None = None
+    main: bool = True  # False on the other processes of a torchrun: they export nothing and report nothing
 
 
 def work_dir_for(out: Path) -> Path:
@@ -175,21 +184,53 @@ def resume_point(checkpoint: Path, identity: dict, overwrite: bool, exact: bool 
     )
 
 
+def _prepare(out: Path, work: Path, checkpoint: Path, identity: dict, steps: int,
+             overwrite: bool) -> tuple[str, dict | None]:
+    """What `out` asks of this run, with the files set for it, and the checkpoint it resumes from (rank 0)."""
+    verdict = finished_backbone(out, identity, steps, checkpoint, overwrite)
+    if verdict == DONE:
+        return verdict, None
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work)
+    if verdict == REDO:
+        begin_redo(out, work, checkpoint)
+    saved = resume_point(checkpoint, identity, overwrite, exact=verdict == REPLACE)
+    if saved is not None and int(saved["state"]["step"]) > steps:
+        raise PathsegError(
+            f"{checkpoint} is at step {saved['state']['step']}, past --steps {steps}; a run cannot be "
+            "shortened: use a larger --steps, or --overwrite to start afresh"
+        )
+    return verdict, saved
+
+
 def run_pretraining(config: PipelineConfig, out: Path, *, overwrite: bool = False,
                     show_progress: bool = True) -> PretrainSummary:
-    """Train (or resume, or find done) the pretraining the config describes, into the backbone directory `out`."""
+    """Train (or resume, or find done) the pretraining the config describes, into the backbone directory `out`.
+
+    Under torchrun every process calls this; rank 0 holds the lock, decides, checkpoints and exports
+    (`distributed.py`).
+    """
     out = Path(out)
-    with store_lock(out, wait=False):
-        return _run_locked(config, out, overwrite, show_progress)
+    processes = processes_from_environment()
+    device = device_of(processes, training_device(config.pretrain.device))
+    processes.part(config.pretrain.batch_size)  # a batch that does not split fails before anything starts
+    start(processes, device)
+    try:
+        if not processes.main:
+            return _run_locked(config, out, overwrite, show_progress, processes, device)
+        with store_lock(out, wait=False):
+            return _run_locked(config, out, overwrite, show_progress, processes, device)
+    finally:
+        stop(processes)
 
 
-def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progress: bool) -> PretrainSummary:
+def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progress: bool, processes: Processes,
+                device: torch.device) -> PretrainSummary:
     from pathseg.pretrain.export import export_backbone
     from pathseg.pretrain.trainer import Trainer
 
     settings = config.pretrain
     steps = phase_steps(settings)
-    device = training_device(settings.device)
     precision = training_precision(device, settings.autocast)
     configs = model_configs(settings)
     stream = build_stream(config)
@@ -198,37 +239,36 @@ def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progres
     identity = run_identity(config, configs, stream.reader.identity())
     work = work_dir_for(out)
     checkpoint = work / CHECKPOINT
-    verdict = finished_backbone(out, identity, settings.steps, checkpoint, overwrite)
-    if verdict == DONE:
-        record = json.loads((out / PRETRAIN_RECORD).read_text())
-        return PretrainSummary(out, already_done=True, record=record)
+    prepared: dict[str, dict | None] = {}
 
-    work.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(work)
-    if verdict == REDO:
-        begin_redo(out, work, checkpoint)
-    saved = resume_point(checkpoint, identity, overwrite, exact=verdict == REPLACE)
-    if saved is not None and int(saved["state"]["step"]) > settings.steps:
-        raise PathsegError(
-            f"{checkpoint} is at step {saved['state']['step']}, past --steps {settings.steps}; a run cannot be "
-            "shortened: use a larger --steps, or --overwrite to start afresh"
-        )
+    def decide() -> tuple[str, bool]:  # only the verdict travels to the other processes, never the checkpoint
+        verdict, prepared["saved"] = _prepare(out, work, checkpoint, identity, settings.steps, overwrite)
+        return verdict, prepared["saved"] is not None
+
+    verdict, resumes = decided_by_main(processes, decide)
+    if verdict == DONE:
+        record = json.loads((out / PRETRAIN_RECORD).read_text()) if processes.main else {}
+        return PretrainSummary(out, already_done=True, record=record, main=processes.main)
+    # rank 0's own read, or the same file read by the others before any step (rank 0 writes none until then)
+    saved = prepared["saved"] if processes.main else (load_checkpoint(checkpoint) if resumes else None)
     torch.manual_seed(settings.seed)
     trainer = Trainer(config, configs, device, autocast_factory(device, precision), stream, conditioning,
-                      checkpoint, identity, resume_key(identity), steps)
+                      checkpoint, identity, resume_key(identity), steps, processes)
     trainer.precision = precision
-    summary = PretrainSummary(out)
+    summary = PretrainSummary(out, main=processes.main)
     if saved is not None:
         trainer.restore(saved)
         summary.resumed_from = trainer.state.step
         changed = recovery_changes(identity, saved["identity"])
         if changed:
             trainer.state.changes.append({"step": trainer.state.step, **changed})
-        if show_progress:
+        if show_progress and processes.main:
             now = "".join(f", {k} {old} -> {new}" for k, (old, new) in changed.items())
             say(f"resuming from {checkpoint} at step {trainer.state.step} of {trainer.total_steps}{now}")
     trainer.train_first_stage(show_progress)
     trainer.train_unet(show_progress)
+    if not processes.main:
+        return summary
     summary.record = export_backbone(trainer, out, work)
     if settings.keep_checkpoint:
         shutil.rmtree(work / "backbone", ignore_errors=True)

@@ -181,6 +181,31 @@ def build_reader(config: PipelineConfig) -> TileReader:
     return SlideTiles(config) if config.pretrain.slides is not None else DatasetTiles(config)
 
 
+@dataclass(frozen=True)
+class BatchPart:
+    """The slice [start, stop) of a global batch of `total` tiles that one process computes.
+
+    Random draws are made for the whole batch and sliced, so N processes draw exactly what one process
+    would: the crops, flips, noise and timesteps of a tile do not depend on the number of processes.
+    """
+
+    start: int
+    stop: int
+    total: int
+
+    @classmethod
+    def whole(cls, size: int) -> BatchPart:
+        return cls(0, size, size)
+
+    @classmethod
+    def of_process(cls, size: int, rank: int, world: int) -> BatchPart:
+        share = size // world
+        return cls(rank * share, (rank + 1) * share, size)
+
+    def take(self, drawn: torch.Tensor) -> torch.Tensor:
+        return drawn[self.start : self.stop]
+
+
 @dataclass
 class TileStream:
     """Batch `step` of the seeded, windowed-shuffle order: the same tiles whenever it is asked for."""
@@ -214,9 +239,10 @@ class TileStream:
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return np.asarray([self.epoch_order(int(p // self.n_tiles))[p % self.n_tiles] for p in positions])
 
-    def batch(self, step: int) -> np.ndarray:
-        """(B, T, T, 3) uint8."""
-        return self.reader.read(self.indices(step))
+    def batch(self, step: int, part: BatchPart | None = None) -> np.ndarray:
+        """(B, T, T, 3) uint8: the whole batch, or only this process's `part` of it (the only tiles it reads)."""
+        indices = self.indices(step)
+        return self.reader.read(indices if part is None else indices[part.start : part.stop])
 
     def spread(self, count: int) -> np.ndarray:
         """`count` tiles spread over the data, in index order: the fixed set shown in reconstructions."""
@@ -234,19 +260,21 @@ def to_unit_tensor(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(tiles)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, flips: bool, jitter: float) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, flips: bool, jitter: float,
+            part: BatchPart | None = None) -> torch.Tensor:
     """Random flips and quarter turns (histology has no up), and a light brightness/contrast/saturation jitter.
 
-    Parameters are drawn on the CPU from the step's generator, so the same step augments the same way
-    on any device and after a resume.
+    Parameters are drawn on the CPU from the step's generator, for the whole batch of which `images` are
+    `part`, so the same step augments the same way on any device, after a resume and over any number of processes.
     """
     out = []
-    n = images.shape[0]
-    flip_h = torch.rand(n, generator=generator) < 0.5
-    flip_v = torch.rand(n, generator=generator) < 0.5
-    turns = torch.randint(0, 4, (n,), generator=generator)
-    factors = 1.0 + jitter * (2.0 * torch.rand(n, 3, generator=generator) - 1.0)
-    for k in range(n):
+    part = part or BatchPart.whole(images.shape[0])
+    n = part.total
+    flip_h = part.take(torch.rand(n, generator=generator) < 0.5)
+    flip_v = part.take(torch.rand(n, generator=generator) < 0.5)
+    turns = part.take(torch.randint(0, 4, (n,), generator=generator))
+    factors = part.take(1.0 + jitter * (2.0 * torch.rand(n, 3, generator=generator) - 1.0))
+    for k in range(images.shape[0]):
         image = images[k]
         if flips:
             if flip_h[k]:
@@ -269,13 +297,16 @@ def crop_size(crop: int | None, tile_size: int) -> int | None:
     return crop if crop is not None and crop < tile_size else None
 
 
-def random_crops(images: torch.Tensor, size: int | None, generator: torch.Generator) -> torch.Tensor:
+def random_crops(images: torch.Tensor, size: int | None, generator: torch.Generator,
+                 part: BatchPart | None = None) -> torch.Tensor:
     """One square `size` crop of each image at a uniform random position (drawn on the CPU from the step's
-    generator, like the augmentation, so a resumed run cuts the same crops); `size` None: the images as they are."""
+    generator for the whole batch, like the augmentation, so a resumed run cuts the same crops); `size` None:
+    the images as they are."""
     if size is None:
         return images
-    n, height, width = images.shape[0], images.shape[-2], images.shape[-1]
-    tops = torch.randint(0, height - size + 1, (n,), generator=generator)
-    lefts = torch.randint(0, width - size + 1, (n,), generator=generator)
+    part = part or BatchPart.whole(images.shape[0])
+    n, height, width = part.total, images.shape[-2], images.shape[-1]
+    tops = part.take(torch.randint(0, height - size + 1, (n,), generator=generator))
+    lefts = part.take(torch.randint(0, width - size + 1, (n,), generator=generator))
     return torch.stack([images[k, :, int(t) : int(t) + size, int(x) : int(x) + size]
                         for k, (t, x) in enumerate(zip(tops, lefts, strict=True))])

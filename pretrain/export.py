@@ -120,7 +120,8 @@ def build_record(trainer: Trainer, reconstruction: dict | None, samples: int, di
         "data": trainer.stream.reader.identity(),
         "conditioning": trainer.identity["conditioning"],
         "steps": {"total": trainer.total_steps, **steps},
-        "batch_size": trainer.settings.batch_size,
+        "batch_size": trainer.settings.batch_size,  # the global batch, split over `processes`
+        "processes": trainer.processes.world,
         "first_stage_crop": trainer.first_stage_crop,  # px of phase 1's square training crops; None: whole tiles
         "final_losses": {phase: _final(state.history[phase]) for phase in PHASES},
         "steps_per_second": {phase: (measured[phase] / seconds[phase] if seconds[phase] > 0 else None)

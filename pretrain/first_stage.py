@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, VQModel
 from pathseg.extract.backbone import FirstStage
+from pathseg.pretrain.data import BatchPart
 from torch.nn import functional as F
 
 from pathseg.config import PretrainConfig
@@ -65,17 +66,19 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim
 
 
 def first_stage_loss(model: FirstStage, images: torch.Tensor, settings: PretrainConfig,
-                     generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                     generator: torch.Generator,
+                     part: BatchPart | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss on a batch in [-1, 1], the autoencoder's own regulariser included, and its two
-    terms apart (logged: a total that rises can be the codebook, not the reconstruction)."""
+    terms apart (logged: a total that rises can be the codebook, not the reconstruction). `part`: which
+    slice of the global batch `images` are, so a KL posterior's noise is the one a single process draws."""
     if isinstance(model, VQModel):
         reconstruction, codebook_loss = model(images, return_dict=False)
         regulariser = codebook_loss.float().mean()
     else:
         posterior = model.encode(images).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator, dtype=torch.float32
-        ).to(posterior.mean.device, posterior.mean.dtype)
+        part = part or BatchPart.whole(images.shape[0])
+        drawn = torch.randn((part.total, *posterior.mean.shape[1:]), generator=generator, dtype=torch.float32)
+        latents = posterior.mean + posterior.std * part.take(drawn).to(posterior.mean.device, posterior.mean.dtype)
         reconstruction = model.decode(latents).sample
         regulariser = settings.kl_weight * posterior.kl().float().mean()
     reconstructing = reconstruction_loss(reconstruction.float(), images.float(), settings.ssim_weight)

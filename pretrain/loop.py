@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from pathseg.pretrain.checkpoints import RunState
-from pathseg.pretrain.data import TileStream
+from pathseg.pretrain.data import BatchPart, TileStream
+from pathseg.pretrain.distributed import ONE_PROCESS, Processes, average_gradients, mean_over_processes
 from torch import nn
 
 from pathseg.errors import PathsegError
@@ -39,8 +40,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 class Phase:
     name: str  # first_stage | unet
     stop: int  # the global step count this phase ends at
-    # (global step, uint8 tiles) -> scalar loss, or (loss, {term: value}) to log its terms as well
-    loss: Callable[[int, np.ndarray], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]
+    # (global step, uint8 tiles, their part of the global batch) -> scalar loss, or (loss, {term: value}) to log
+    # its terms as well
+    loss: Callable[[int, np.ndarray, BatchPart], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]
     parameters: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     after_step: Callable[[], None] | None = None  # the EMA update
@@ -56,30 +58,38 @@ def _stop(phase: Phase, step: int, what: str, value: float, checkpoint: Path, ch
 
 
 def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_every: int,
-                save: Callable[[], None], checkpoint: Path, show_progress: bool) -> None:
-    """Steps state.step .. phase.stop - 1; a checkpoint every `checkpoint_every` steps and at the phase's end."""
+                save: Callable[[], None], checkpoint: Path, show_progress: bool,
+                processes: Processes = ONE_PROCESS) -> None:
+    """Steps state.step .. phase.stop - 1; a checkpoint every `checkpoint_every` steps and at the phase's end.
+
+    Under torchrun each process reads and computes its part of every batch; the losses logged and checked are
+    the means over processes and the gradients are averaged, so every process takes the same step.
+    """
+    part = processes.part(stream.batch_size)
     start = state.step
     if start >= phase.stop:
         return
     last_saved = state.step if state.step > 0 and checkpoint.exists() else None
     total = phase.stop - start
     with (
-        progress_bar(PHASE_NAMES[phase.name], total, "steps", show_progress) as advance,
+        progress_bar(PHASE_NAMES[phase.name], total, "steps", show_progress and processes.main) as advance,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-pretrain-read") as reader,
     ):
-        upcoming = reader.submit(stream.batch, start)
+        upcoming = reader.submit(stream.batch, start, part)
         started = time.perf_counter()
         for step in range(start, phase.stop):
             tiles = upcoming.result()
             if step + 1 < phase.stop:
-                upcoming = reader.submit(stream.batch, step + 1)
-            loss = phase.loss(step, tiles)
+                upcoming = reader.submit(stream.batch, step + 1, part)
+            loss = phase.loss(step, tiles, part)
             loss, parts = loss if isinstance(loss, tuple) else (loss, {})
-            value = float(loss.detach())
+            value, *term_values = mean_over_processes([float(loss.detach()), *parts.values()], processes)
+            parts = dict(zip(parts, term_values, strict=True))
             if not math.isfinite(value):
                 _stop(phase, step + 1, "loss", value, checkpoint, last_saved)
             phase.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(phase.parameters, processes)
             norm = float(torch.nn.utils.clip_grad_norm_(phase.parameters, float("inf")))
             if not math.isfinite(norm):
                 _stop(phase, step + 1, "gradient norm", norm, checkpoint, last_saved)

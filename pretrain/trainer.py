@@ -20,7 +20,8 @@ from diffusers.training_utils import EMAModel
 from pathseg.extract.backbone import ldm_scheduler
 from pathseg.extract.conditioning import Conditioning
 from pathseg.pretrain.checkpoints import RunState, restore_rng, rng_states, save_checkpoint
-from pathseg.pretrain.data import TileStream, augment, crop_size, random_crops, to_unit_tensor
+from pathseg.pretrain.data import BatchPart, TileStream, augment, crop_size, random_crops, to_unit_tensor
+from pathseg.pretrain.distributed import ONE_PROCESS, Processes, broadcast_parameters
 from pathseg.pretrain.first_stage import build_first_stage, first_stage_loss, set_latent_scale
 from pathseg.pretrain.loop import Phase, step_generator, train_phase
 from pathseg.pretrain.unet_phase import ContextMaker, build_unet, latent_encoder, latent_std, unet_loss
@@ -34,8 +35,10 @@ LATENT_SCALE_TILES = 64  # tiles whose z_0 std sets a KL first stage's scaling f
 class Trainer:
     def __init__(self, config: PipelineConfig, configs: dict, device: torch.device,
                  autocast: Callable[[], AbstractContextManager], stream: TileStream, conditioning: Conditioning,
-                 checkpoint: Path, identity: dict, identity_key: str, phase_steps: tuple[int, int]) -> None:
+                 checkpoint: Path, identity: dict, identity_key: str, phase_steps: tuple[int, int],
+                 processes: Processes = ONE_PROCESS) -> None:
         self.config = config
+        self.processes = processes
         self.settings = config.pretrain
         self.configs = configs
         self.device = device
@@ -52,6 +55,7 @@ class Trainer:
         s = self.settings
         self.first_stage_crop = crop_size(s.first_stage_crop, config.tiling.tile_size)  # None: whole tiles
         self.first_stage = build_first_stage(configs["first_stage_class"], configs["first_stage"], s.seed).to(device)
+        broadcast_parameters([self.first_stage], processes)
         self.first_stage_optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
             self.first_stage.parameters(), lr=s.lr_first_stage, weight_decay=s.weight_decay
         )
@@ -67,18 +71,19 @@ class Trainer:
 
     # ---- phase 1 -----------------------------------------------------------------------------------
 
-    def _augmented(self, step: int, tiles: np.ndarray) -> tuple[torch.Tensor, torch.Generator]:
+    def _augmented(self, step: int, tiles: np.ndarray, part: BatchPart) -> tuple[torch.Tensor, torch.Generator]:
         generator = step_generator(self.settings.seed, step)
         images = augment(to_unit_tensor(tiles, self.device), generator, self.settings.flips,
-                         self.settings.colour_jitter)
+                         self.settings.colour_jitter, part)
         return images, generator
 
-    def _first_stage_loss(self, step: int, tiles: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def _first_stage_loss(self, step: int, tiles: np.ndarray,
+                          part: BatchPart) -> tuple[torch.Tensor, dict[str, float]]:
         """On a random crop of each augmented tile (`pretrain.first_stage_crop`), drawn from the step's generator."""
-        images, generator = self._augmented(step, tiles)
-        images = random_crops(images, self.first_stage_crop, generator)
+        images, generator = self._augmented(step, tiles, part)
+        images = random_crops(images, self.first_stage_crop, generator, part)
         with self.autocast():
-            return first_stage_loss(self.first_stage, images * 2.0 - 1.0, self.settings, generator)
+            return first_stage_loss(self.first_stage, images * 2.0 - 1.0, self.settings, generator, part)
 
     def train_first_stage(self, show_progress: bool) -> None:
         if self.state.step < self.first_steps:
@@ -86,7 +91,7 @@ class Trainer:
             phase = Phase("first_stage", self.first_steps, self._first_stage_loss,
                           list(self.first_stage.parameters()), self.first_stage_optimizer)
             train_phase(phase, self.state, self.stream, self.settings.checkpoint_every, self.save, self.checkpoint,
-                        show_progress)
+                        show_progress, self.processes)
         self.freeze_first_stage()
 
     def freeze_first_stage(self) -> None:
@@ -113,26 +118,30 @@ class Trainer:
         s = self.settings
         unet, projector = build_unet(self.configs["unet"], self.configs["projector"], s.seed)
         self.unet, self.projector = unet.to(self.device), projector.to(self.device)
+        broadcast_parameters([self.unet, self.projector], self.processes)
         self.unet_optimizer = torch.optim.AdamW(self.trained_parameters(), lr=s.lr_unet, weight_decay=s.weight_decay)
-        self.ema = EMAModel(self.trained_parameters(), decay=s.ema_decay, foreach=True)
+        if self.processes.main:  # the average is kept, saved and exported once
+            self.ema = EMAModel(self.trained_parameters(), decay=s.ema_decay, foreach=True)
         self.context = ContextMaker(self.conditioning, self.projector, s.condition_dropout)
         self.encoder = latent_encoder(self.first_stage, self.unet, self.scheduler, self.projector)
 
     def trained_parameters(self) -> list[nn.Parameter]:
         return [*self.unet.parameters(), *self.projector.parameters()]
 
-    def _unet_loss(self, step: int, tiles: np.ndarray) -> torch.Tensor:
-        images, generator = self._augmented(step, tiles)
-        return unet_loss(self.unet, self.encoder, self.scheduler, self.context, images, generator, self.autocast)
+    def _unet_loss(self, step: int, tiles: np.ndarray, part: BatchPart) -> torch.Tensor:
+        images, generator = self._augmented(step, tiles, part)
+        return unet_loss(self.unet, self.encoder, self.scheduler, self.context, images, generator, self.autocast,
+                         part)
 
     def train_unet(self, show_progress: bool) -> None:
         self.ensure_unet()
         self.unet.train()
         self.projector.train()
+        average = (lambda: self.ema.step(self.trained_parameters())) if self.ema is not None else None
         phase = Phase("unet", self.total_steps, self._unet_loss, self.trained_parameters(), self.unet_optimizer,
-                      after_step=lambda: self.ema.step(self.trained_parameters()))
+                      after_step=average)
         train_phase(phase, self.state, self.stream, self.settings.checkpoint_every, self.save, self.checkpoint,
-                    show_progress)
+                    show_progress, self.processes)
 
     def use_ema_weights(self) -> None:
         """The averaged weights into the UNet and projector: what is exported and sampled from."""
@@ -147,6 +156,7 @@ class Trainer:
             "identity_key": self.identity_key,
             "identity": self.identity,
             "state": self.state.as_dict(),
+            "processes": self.processes.world,
             "rng": rng_states(),
             "first_stage": self.first_stage.state_dict(),
         }
@@ -160,7 +170,9 @@ class Trainer:
         return content
 
     def save(self) -> None:
-        save_checkpoint(self.checkpoint, self.content())
+        """Rank 0 only: every process holds the same weights and optimiser state."""
+        if self.processes.main:
+            save_checkpoint(self.checkpoint, self.content())
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Weights, optimiser and EMA states, RNG and history of a checkpoint, so training continues from it."""
@@ -175,6 +187,10 @@ class Trainer:
             self.unet.load_state_dict(saved["unet"])
             self.projector.load_state_dict(saved["projector"])
             self.unet_optimizer.load_state_dict(saved["unet_optimizer"])
-            self.ema.load_state_dict(saved["ema"])
-            self.ema.to(self.device)
+            if self.ema is not None:
+                self.ema.load_state_dict(saved["ema"])
+                self.ema.to(self.device)
         restore_rng(saved["rng"])
+        before = int(saved.get("processes", 1))
+        if before != self.processes.world:  # the global batch is the same, so this changes no result
+            self.state.changes.append({"step": self.state.step, "processes": [before, self.processes.world]})

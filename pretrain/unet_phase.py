@@ -13,6 +13,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from pathseg.extract.backbone import Backbone, FirstStage, SSLProjector
 from pathseg.extract.conditioning import Conditioning, build_conditioning
+from pathseg.pretrain.data import BatchPart
 from torch.nn import functional as F
 
 from pathseg.config import ConditioningConfig
@@ -61,13 +62,16 @@ class ContextMaker:
             region = self.conditioning.region.embed(images01).float() if self.conditioning.region else None
         return patch, region
 
-    def __call__(self, images01: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def __call__(self, images01: torch.Tensor, generator: torch.Generator | None,
+                 part: BatchPart | None = None) -> torch.Tensor:
         """`generator` None: no dropout (sampling); otherwise each tile's condition is zeroed with p=dropout."""
         if self.conditioning.patch is None:
             return self.projector.null_context(images01.shape[0])
         patch, region = self.embeddings(images01)
         if generator is not None and self.dropout > 0:
-            keep = (torch.rand(images01.shape[0], generator=generator) >= self.dropout).to(patch.device, patch.dtype)
+            part = part or BatchPart.whole(images01.shape[0])
+            kept = part.take(torch.rand(part.total, generator=generator) >= self.dropout)
+            keep = kept.to(patch.device, patch.dtype)
             patch = patch * keep[:, None]
             region = region * keep[:, None] if region is not None else None
         return self.projector(patch, region)
@@ -79,17 +83,20 @@ def diffusion_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
 
 
 def unet_loss(unet: UNet2DConditionModel, encoder: Backbone, scheduler: DDPMScheduler, context: ContextMaker,
-              images01: torch.Tensor, generator: torch.Generator, autocast) -> torch.Tensor:
-    """One batch: z_0 = encode(x), z_t = q(z_t | z_0, eps) at uniform t, predict eps."""
+              images01: torch.Tensor, generator: torch.Generator, autocast,
+              part: BatchPart | None = None) -> torch.Tensor:
+    """One batch: z_0 = encode(x), z_t = q(z_t | z_0, eps) at uniform t, predict eps. Noise, timesteps and
+    dropout are drawn for the whole batch and `part` of them used (BatchPart)."""
     device = images01.device
+    part = part or BatchPart.whole(images01.shape[0])
     with torch.no_grad(), autocast():
         latents = encoder.encode(images01 * 2.0 - 1.0).float()
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noise = part.take(torch.randn((part.total, *latents.shape[1:]), generator=generator)).to(device)
+    timesteps = part.take(torch.randint(0, scheduler.config.num_train_timesteps, (part.total,), generator=generator))
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with autocast():
-        ctx = context(images01, generator)
+        ctx = context(images01, generator, part)
         predicted = unet(noisy, timesteps, ctx).sample
     return diffusion_loss(predicted, noise)
 

@@ -26,6 +26,7 @@ def launch_local_processes(count: int) -> int:
     """This same command, without --processes, in `count` processes on this machine: what `torchrun --standalone
     --nproc_per_node count` does, through its own launcher, so a failed process ends in one line, not its traceback."""
     import logging
+    import os
     import sys
     import uuid
 
@@ -40,6 +41,8 @@ def launch_local_processes(count: int) -> int:
             skip = True
         elif not arg.startswith("--processes="):
             argv.append(arg)
+    if "OMP_NUM_THREADS" not in os.environ:  # CPU processes share the cores instead of each taking them all
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below

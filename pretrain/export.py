@@ -22,6 +22,7 @@ from pathseg.pretrain.data import to_unit_tensor
 from pathseg.pretrain.first_stage import reconstruct
 from pathseg.pretrain.identity import settings_key
 from pathseg.pretrain.plots import image_grid, loss_plot, to_uint8
+from pathseg.pretrain.quality import first_stage_quality, quality_tiles
 from pathseg.pretrain.trainer import Trainer
 from pathseg.pretrain.unet_phase import sample_images
 
@@ -100,6 +101,13 @@ def write_samples(trainer: Trainer, path: Path) -> int:
     return count
 
 
+def measure_first_stage(trainer: Trainer) -> dict[str, Any] | None:
+    tiles, source = quality_tiles(trainer.config, trainer.stream.spread)
+    quality = first_stage_quality(trainer.first_stage, tiles, trainer.device, trainer.settings.batch_size,
+                                  trainer.autocast)
+    return {**quality, **source} if quality is not None else None
+
+
 def build_record(trainer: Trainer, reconstruction: dict | None, samples: int, digest: str) -> dict[str, Any]:
     state = trainer.state
     seconds = {phase: state.seconds.get(phase, 0.0) for phase in PHASES}
@@ -131,6 +139,8 @@ def build_record(trainer: Trainer, reconstruction: dict | None, samples: int, di
         "settings_changed": state.changes,  # learning rates etc. changed when a stopped run was resumed
         "latent_scale": state.latent_scale,
         "reconstruction": reconstruction,
+        # whole held-out tiles at extraction size; with the first stage's minutes in `seconds`
+        "first_stage_quality": measure_first_stage(trainer),
         "samples": {"count": samples, "ddim_steps": trainer.settings.sample_steps},
         "seed": trainer.settings.seed,
         "device": str(trainer.device),

@@ -39,10 +39,10 @@ DERIVED = ("preset", "unet_width", "first_stage_width", "first_stage", "first_st
 # Not the weights: where the run computes (device and autocast change them only by rounding, like another
 # machine; the record says which were used), how often it saves, and the pictures drawn after training.
 NOT_WEIGHTS = ("device", "autocast", "checkpoint_every", "keep_checkpoint", "samples", "sample_steps",
-               "reconstructions")
+               "reconstructions", "quality_split", "quality_tiles")
 # Everything else, held as set: each changes what step k does without reference to the total step count.
 STEP_LOCAL = ("batch_size", "lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight",
-              "condition_dropout", "ema_decay", "flips", "colour_jitter", "cached_images")
+              "condition_dropout", "ema_decay", "flips", "colour_jitter", "cached_images", "first_stage_whole_fraction")
 RECOVERY = ("lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight", "batch_size")
 
 

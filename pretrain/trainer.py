@@ -9,6 +9,7 @@ it, so the context the averaged UNet sees comes from the averaged projector.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -77,11 +78,17 @@ class Trainer:
                          self.settings.colour_jitter, part)
         return images, generator
 
+    def crops_at(self, step: int) -> bool:
+        """False on the `first_stage_whole_fraction` of phase-1 steps that see whole tiles, evenly spaced (the
+        step's crop draws are then skipped, so a fraction of 0 cuts exactly the crops it always did)."""
+        fraction = self.settings.first_stage_whole_fraction
+        return math.floor((step + 1) * fraction) == math.floor(step * fraction)
+
     def _first_stage_loss(self, step: int, tiles: np.ndarray,
                           part: BatchPart) -> tuple[torch.Tensor, dict[str, float]]:
         """On a random crop of each augmented tile (`pretrain.first_stage_crop`), drawn from the step's generator."""
         images, generator = self._augmented(step, tiles, part)
-        images = random_crops(images, self.first_stage_crop, generator, part)
+        images = random_crops(images, self.first_stage_crop if self.crops_at(step) else None, generator, part)
         with self.autocast():
             return first_stage_loss(self.first_stage, images * 2.0 - 1.0, self.settings, generator, part)
 

@@ -221,6 +221,9 @@ class PretrainConfig(Section):
     first_stage_width: int | None = Field(None, ge=8)
     first_stage: Literal["vq", "kl"] = "vq"
     first_stage_crop: int | None = Field(128, ge=4)  # phase 1 trains on random crops this size; null = whole tiles
+    # share of phase-1 steps on whole tiles though first_stage_crop is set, evenly spaced: the mid-block attention
+    # then also sees extraction's full latent context (the bright rim at tile borders of crop-only training)
+    first_stage_whole_fraction: float = Field(0.0, ge=0.0, le=1.0)
     steps: int = Field(2000, ge=2)
     first_stage_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     first_stage_steps: int | None = Field(None, ge=1)  # overrides first_stage_fraction; fixed when extending a run
@@ -243,6 +246,10 @@ class PretrainConfig(Section):
     samples: int = Field(8, ge=0)
     sample_steps: int = Field(25, ge=1, le=1000)
     reconstructions: int = Field(8, ge=0)
+    # the first stage's PSNR/SSIM in pretrain.json: whole tiles of this split (not trained on unless listed in
+    # splits); null, slides, or a dataset without it: training tiles
+    quality_split: str | None = "val"
+    quality_tiles: int = Field(32, ge=0)
     cached_images: int = Field(4, ge=1)
     slides: Path | None = None
     mpp: float = Field(0.5, gt=0)

@@ -149,6 +149,24 @@ def test_the_first_stage_trains_on_crops_and_everything_after_sees_whole_tiles(t
     assert "\n" not in str(caught.value) and "pretrain.first_stage_crop" in str(caught.value)
 
 
+def test_a_whole_tile_fraction_of_phase_one_steps_sees_extractions_tile_size(tmp_path, monkeypatch):
+    import pathseg.pretrain.trainer as trainer
+
+    building, seen = trainer.build_first_stage, []
+
+    def spied(*args, **kwargs):
+        model = building(*args, **kwargs)
+        model.encoder.register_forward_pre_hook(lambda _, inputs: seen.append(tuple(inputs[0].shape[-2:]))
+                                                if torch.is_grad_enabled() else None)
+        return model
+
+    monkeypatch.setattr(trainer, "build_first_stage", spied)
+    config = pretrain_config(tmp_path, **{"pretrain.steps": 6, "pretrain.first_stage_steps": 4, "pretrain.samples": 0,
+                                          "pretrain.first_stage_whole_fraction": 0.5, "pretrain.quality_tiles": 0})
+    run_pretraining(config, tmp_path / "backbone", show_progress=False)
+    assert seen == [(32, 32), (64, 64), (32, 32), (64, 64)]  # evenly spaced, half of the steps
+
+
 class Interrupted(Exception):
     """A run stopped right after a checkpoint, as a kill there would stop it."""
 

@@ -30,12 +30,14 @@ CHANGED = {
     "pretrain.colour_jitter": 0.1, "pretrain.cached_images": 1, "pretrain.seed": 3,
     "pretrain.first_stage_steps": 1, "pretrain.first_stage_crop": 16, "pretrain.preset": "small",
     "pretrain.first_stage": "kl", "pretrain.unet_width": 16, "pretrain.splits": ["val"],
+    "pretrain.first_stage_whole_fraction": 0.25,
 }
 LEGACY = ("models", "data", "tiling", "conditioning", "seed", "first_stage_steps", "first_stage_crop")
 # Settings that leave the weights as they are.
 UNCHANGED = {"pretrain.device": "cpu", "pretrain.checkpoint_every": 1, "pretrain.keep_checkpoint": False,
              "pretrain.samples": 3, "pretrain.sample_steps": 3, "pretrain.reconstructions": 1,
-             "pretrain.steps": 40, "pretrain.autocast": "off"}
+             "pretrain.steps": 40, "pretrain.autocast": "off", "pretrain.quality_split": "test",
+             "pretrain.quality_tiles": 2}
 
 
 def settings_key(tmp: Path, **overrides) -> str:

@@ -14,33 +14,51 @@ from collections.abc import Collection
 
 import numpy as np
 import torch
-from pathseg.extract.feature_encoders import FeatureEncoder, configured_encoders
+from pathseg.extract.feature_encoders import FeatureEncoder, configured_encoders, planned_identity
 from pathseg.extract.tiles import TileSource
 
 from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.progress import progress_bar
 from pathseg.store import FeatureStore, feature_key
-from pathseg.store.names import ENCODER_TIMESTEP
+from pathseg.store.identity import ENCODER_COST_KEYS, ENCODERS_ATTR
+from pathseg.store.names import ENCODER_TIMESTEP, encoder_block
 
-ENCODERS_ATTR = "encoders"
-COST_KEYS = ("seconds_per_tile", "device", "shared")  # how and how long, never what it computed
+COST_KEYS = ENCODER_COST_KEYS
 
 
 def _to_input(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(tiles).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def check_identity(store: FeatureStore, block: str, encoder: FeatureEncoder) -> None:
+def check_identity(store: FeatureStore, block: str, identity: dict) -> None:
+    """Refuse to mix two encoders' maps in one array, naming what differs (weights, normalisation, seed...)."""
     recorded = store.attrs.get(ENCODERS_ATTR, {}).get(block)
     if recorded is None:
         return
     same = {k: v for k, v in recorded.items() if k not in COST_KEYS and k != "layer"}
-    if same != encoder.identity:
+    if same == identity:
+        return
+    differing = sorted(k for k in set(same) | set(identity) if same.get(k) != identity.get(k))
+    if "random" in differing or "weights_digest" in differing:
         was = "random" if recorded.get("random") else f"weights {str(recorded.get('weights_digest'))[:12]}"
-        now = "random" if encoder.random else f"weights {str(encoder.identity.get('weights_digest'))[:12]}"
+        now = "random" if identity.get("random") else f"weights {str(identity.get('weights_digest'))[:12]}"
         raise PathsegError(f"{store.path}: {block} was extracted with {was}, and extract.encoder_weights now gives "
                            f"{now}; use the same weights, or extract into another --store")
+    shown = ", ".join(f"{k} {same.get(k)!r} -> {identity.get(k)!r}" for k in differing)
+    raise PathsegError(f"{store.path}: {block} was extracted with other settings ({shown}; encoder_normalisation "
+                       "is extract.encoder_normalisation); use the same ones, or extract into another --store")
+
+
+def check_stored_encoders(config: PipelineConfig, store: FeatureStore) -> None:
+    """Before the diffusion pass: listed encoders whose weights differ from the store's arrays are refused now,
+    not after hours (a `python:` plugin's identity holds its code, known only once imported: checked later)."""
+    for name in dict.fromkeys(n.strip() for n in config.extract.encoders):
+        identity = planned_identity(config.extract, name, config.extract.noise_seed)
+        if identity is None:
+            continue
+        for layer in [None, *config.extract.encoder_layers]:
+            check_identity(store, encoder_block(name, layer), identity)
 
 
 def encoder_work(store: FeatureStore, encoder: FeatureEncoder, layers: list[int]) -> dict[str, list[int]]:
@@ -62,7 +80,7 @@ def extract_encoders(config: PipelineConfig, store: FeatureStore, source: TileSo
     encoded = 0
     for encoder in encoders:
         for block in encoder.blocks(layers):
-            check_identity(store, block, encoder)
+            check_identity(store, block, encoder.identity)
         work = encoder_work(store, encoder, layers)
         shards = sorted(set().union(*work.values()))
         if not shards:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from pathseg.extract import hipt
 from pathseg.extract.ssl_encoders import IMAGENET_MEAN, IMAGENET_STD, weights_digest
+from pathseg.extract.ssl_plugins import SPEC as PLUGIN_SPEC
 from pathseg.extract.ssl_plugins import is_plugin_spec, load_plugin_encoder
 from pathseg.extract.timm_vit import TIMM_VIT_ARCHS, load_timm_vit
 from torch import nn
@@ -28,7 +29,8 @@ from torch.nn import functional as F
 
 from pathseg.config import ExtractConfig
 from pathseg.errors import PathsegError
-from pathseg.store.names import encoder_block
+from pathseg.store.names import encoder_block, safe_name
+from pathseg.store.schema import ENCODER_NAME
 
 TIMM_PREFIX = "timm:"
 RANDOM = "random"
@@ -103,25 +105,75 @@ def build_feature_encoder(name: str, weights: str, *, trust_checkpoint: bool = F
     return encoder
 
 
+def check_encoder_settings(config: ExtractConfig) -> None:
+    """Every listed encoder's name, weights and layers, checked before the diffusion pass (hours on a big store)
+    rather than after it; each message names the setting at fault."""
+    arrays: dict[str, str] = {}
+    for name in dict.fromkeys(n.strip() for n in config.encoders):
+        if not ENCODER_NAME.match(encoder_block(name)):
+            raise PathsegError(f"extract.encoders: {name!r} may hold only ASCII letters, digits and _ . : @ + -, "
+                               "so that its store array and record agree on every file system")
+        depth = _depth(name)
+        weights = encoder_weights(config, name)
+        if is_plugin_spec(name) and weights == RANDOM:
+            raise PathsegError(f"extract.encoder_weights.{name}: a python: encoder makes its own weights; give its "
+                               "weights file")
+        bad = [k for k in config.encoder_layers if depth is not None and not -depth <= k < depth]
+        if bad:
+            raise PathsegError(f"extract.encoder_layers: {bad} out of range for {name}, which has {depth} blocks "
+                               f"(0..{depth - 1}, or -{depth}..-1 from the end)")
+        key = safe_name(name).lower()  # one array per name, also on case-insensitive file systems
+        if key in arrays:
+            raise PathsegError(f"extract.encoders: {arrays[key]} and {name} would share one store array; list one")
+        arrays[key] = name
+
+
+def _depth(name: str) -> int | None:
+    """Blocks of a named encoder (None for a python: plugin, known once imported); unknown names fail here."""
+    if name == hipt.NAME:
+        return hipt.DEPTH
+    if name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):] in TIMM_VIT_ARCHS:
+        return TIMM_VIT_ARCHS[name[len(TIMM_PREFIX):]].depth
+    if is_plugin_spec(name) and PLUGIN_SPEC.match(name):
+        return None
+    known = ", ".join([hipt.NAME, *(TIMM_PREFIX + arch for arch in TIMM_VIT_ARCHS), "python:module:factory"])
+    raise PathsegError(f"extract.encoders: unknown encoder {name!r}; known: {known}")
+
+
+def planned_identity(config: ExtractConfig, name: str, seed: int) -> dict | None:
+    """The identity `build_feature_encoder` will record, without building it (None for python: plugins, whose
+    identity holds their code)."""
+    if is_plugin_spec(name):
+        return None
+    identity = _weights_identity(encoder_weights(config, name), seed)
+    if config.encoder_normalisation.get(name) is not None:
+        identity["normalisation"] = config.encoder_normalisation[name]
+    return {"encoder": name, **identity}
+
+
+def _weights_identity(weights: str, seed: int) -> dict:
+    is_random = weights == RANDOM
+    return {"random": is_random, "weights_digest": None if is_random else weights_digest(Path(weights)),
+            **({"seed": seed} if is_random else {})}
+
+
 def _build(name: str, weights: str, trust_checkpoint: bool, seed: int,
            allowed_code: Collection[str]) -> FeatureEncoder:
     is_random = weights == RANDOM
-    identity = {"encoder": name, "random": is_random,
-                "weights_digest": None if is_random else weights_digest(Path(weights))}
+    identity = {"encoder": name, **_weights_identity(weights, seed)}
     if name.startswith(TIMM_PREFIX):
         arch = name[len(TIMM_PREFIX):]
         module = load_timm_vit(arch, weights, trust_checkpoint=trust_checkpoint, seed=seed)
         spec = TIMM_VIT_ARCHS[arch]
         size = int(getattr(module, "input_size", spec.img_size))
         return FeatureEncoder(name, module.eval().requires_grad_(False), size, tuple(spec.mean), tuple(spec.std),
-                              {**identity, "seed": seed} if is_random else identity)
+                              identity)
     if name == hipt.NAME:
         if is_random:
             generator_state = torch.random.fork_rng(devices=[])
             with generator_state:
                 torch.manual_seed(seed)
                 module = hipt.HIPTViT(grid=hipt.INPUT_SIZE // hipt.PATCH)
-            identity["seed"] = seed
         else:
             module = hipt.load_hipt_vit_s16(weights, trust_checkpoint=trust_checkpoint)
         return FeatureEncoder(name, module.eval().requires_grad_(False), hipt.INPUT_SIZE, hipt.HIPT_MEAN,
@@ -131,7 +183,9 @@ def _build(name: str, weights: str, trust_checkpoint: bool, seed: int,
             raise PathsegError(f"encoder {name!r} names code to import, and it did not come from your own config or "
                                "command line; list it in extract.encoders yourself if you trust it")
         if is_random:
-            raise PathsegError(f"encoder {name}: a python: encoder makes its own weights; give its weights file")
+            raise PathsegError(f"extract.encoder_weights.{name}: a python: encoder makes its own weights; give its "
+                               "weights file")
+        identity = {k: v for k, v in identity.items() if k != "seed"}
         loaded = load_plugin_encoder(name, Path(weights))
         identity["code"] = loaded.identity
         return FeatureEncoder(name, loaded.module.eval().requires_grad_(False), loaded.input_size,

@@ -17,9 +17,9 @@ from pathseg.extract.backbone_info import part_configs
 from pathseg.extract.backbone_sources import backbone_fingerprint, load_backbone
 from pathseg.extract.blocks import UNetLayout, block_table, canonical_block
 from pathseg.extract.cluster import ExtractionCluster
-from pathseg.extract.encoder_pass import extract_encoders
+from pathseg.extract.encoder_pass import check_stored_encoders, extract_encoders
 from pathseg.extract.extractor import Extractor, extract_shards, prepare_for_device
-from pathseg.extract.feature_encoders import encoder_weights
+from pathseg.extract.feature_encoders import check_encoder_settings
 from pathseg.extract.precision import check_precision, pick_device, resolved_precision
 from pathseg.extract.shared_encoder import share_encoder
 from pathseg.extract.ssl_encoders import weights_digest
@@ -187,12 +187,12 @@ def _extract_locked(config: PipelineConfig, path: Path, overwrite: bool, show_pr
         )
     layout = UNetLayout.of(parts.unet)
     pairs = requested_arrays(config, layout)
-    for name in config.extract.encoders:  # a missing weights file fails now, not after the diffusion pass
-        encoder_weights(config.extract, name.strip())
+    check_encoder_settings(config.extract)  # a bad encoder setting fails now, not after the diffusion pass
     identity = store_identity(config, dataset.identity())
     fingerprint = digest(identity)
     store = _open_store(config, path, identity, fingerprint, dataset, records, overwrite)
     remove_partial_files(path)
+    check_stored_encoders(config, store)
     summary = ExtractionSummary(store=path)
     summary.prepared_images = _prepare_images(store, records, config, show_progress)
 

@@ -92,7 +92,7 @@ def share_encoder(config: PipelineConfig, store: FeatureStore, conditioning: Con
         return None
     layers = list(config.extract.encoder_layers)
     for block in encoder.blocks(layers):
-        check_identity(store, block, encoder)  # other weights are refused before any pass, not after the long one
+        check_identity(store, block, encoder.identity)  # refused before any pass, not after the long one
     missing = encoder_work(store, encoder, layers)
     if not any(shard in todo for shard in work for todo in missing.values()):
         return None

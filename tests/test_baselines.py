@@ -81,6 +81,29 @@ def test_other_weights_for_a_stored_encoder_are_refused(encoded, tmp_path):
         run_extraction(other, show_progress=False, store_path=path)
 
 
+def test_a_head_on_an_encoder_is_keyed_by_its_weights_and_not_scored_on_others(encoded, tmp_path):
+    """Encoder arrays are outside the store's fingerprint, so the run key and evaluate hold their weights."""
+    import zarr
+    from pathseg.train_head.evaluate import evaluate_run
+    from pathseg.train_head.runs import run_key
+
+    config, original, _ = encoded
+    path = tmp_path / original.name
+    shutil.copytree(original, path)
+    config = config.model_copy(update={"runs_dir": tmp_path / "runs"}, deep=True)
+    config.head.blocks = [VIT_BLOCK]
+    run_dir = fit_head(config, store_path=path, show_progress=False).run_dir
+    pairs = load_run(run_dir).pairs
+    before = run_key(config, FeatureStore.open(path), pairs)
+    group = zarr.open_group(str(path), mode="r+")  # as if re-extracted from another file into a new store here
+    records = dict(group.attrs["encoders"])
+    records[VIT_BLOCK] = {**records[VIT_BLOCK], "random": False, "weights_digest": "ab" * 32, "seed": None}
+    group.attrs["encoders"] = records
+    assert run_key(config, FeatureStore.open(path), pairs) != before
+    with pytest.raises(PathsegError, match="other encoder weights than run"):
+        evaluate_run(config, run_dir, show_progress=False, echo=False)
+
+
 def _store_image(store: FeatureStore, tmp_path):
     index = next(i for i, entry in enumerate(store.images) if entry.split == "test")
     image = tmp_path / "in" / f"{store.images[index].id}.png"

@@ -18,7 +18,7 @@ from typing import Any
 from pathseg.train_head import leaderboard as board
 from pathseg.train_head.ablation_grid import AblationPlan, plan_ablation, run_config
 from pathseg.train_head.ablation_plots import heatmap, lines
-from pathseg.train_head.evaluate import METRICS_VERSION, default_splits, evaluate_run
+from pathseg.train_head.evaluate import METRICS_VERSION, default_splits, encoders_differ, evaluate_run
 from pathseg.train_head.fit import fit_head
 from pathseg.train_head.instance_choice import search_settings
 from pathseg.train_head.paper_table import paper_table
@@ -54,7 +54,8 @@ def _finished_run(run_dir: Path, store: FeatureStore) -> Run | None:
         run.head_bytes()
     except PathsegError:
         return None
-    return run if run.record.get("store_fingerprint") == store.fingerprint else None
+    same = run.record.get("store_fingerprint") == store.fingerprint and not encoders_differ(run, store)
+    return run if same else None
 
 
 def _eval_name(cell) -> str:

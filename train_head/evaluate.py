@@ -37,6 +37,7 @@ from pathseg.metrics.objects import GlandMetrics
 from pathseg.metrics.pixel import ConfusionMatrix, background_index_of, instances_from_semantic, pixel_metrics
 from pathseg.progress import progress_bar, say
 from pathseg.store import FeatureStore
+from pathseg.store.identity import encoder_identities, encoder_identity
 
 # Bumped whenever a figure's definition changes (2: GlaS object metrics pooled over the split as the contest
 # pools them, strict > 50% F1 rule, Hausdorff pairing by minimum Hausdorff distance; 3: objects of decoded
@@ -81,6 +82,14 @@ def open_scored_store(run: Run, store_path: Path | None) -> FeatureStore:
     return store
 
 
+def encoders_differ(run: Run, store: FeatureStore) -> list[str]:
+    """The run's encoder blocks whose arrays now hold other weights' maps: encoder arrays are outside the store's
+    fingerprint, so a store extended with another encoder's weights keeps it."""
+    recorded = {block: encoder_identity(entry) for block, entry in (run.record.get("encoders") or {}).items()}
+    found = encoder_identities(store.attrs, list(recorded))
+    return [block for block, identity in recorded.items() if identity != found.get(block)]
+
+
 def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] | None = None,
                  store_path: Path | None = None, show_progress: bool = True, store: FeatureStore | None = None,
                  echo: bool = True, out_name: str | None = None) -> EvaluationResult:
@@ -93,6 +102,10 @@ def evaluate_run(config: PipelineConfig, run: Run | Path, *, splits: list[str] |
     if store is None or store.fingerprint != run.record["store_fingerprint"]:
         store = open_scored_store(run, store_path)
     own_store = store.fingerprint == run.record["store_fingerprint"]
+    changed = encoders_differ(run, store)
+    if changed:
+        raise PathsegError(f"{store.path}: {', '.join(changed)} hold maps of other encoder weights than run "
+                           f"{run.directory} was trained on; refit the head on them (fit-head, or ablate)")
     store.require(run.pairs)
     splits = splits or config.evaluate.splits or default_splits(store, config)
     unknown = [s for s in splits if s not in store.splits()]

@@ -36,6 +36,7 @@ from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.loading.data_files import read_json_object
 from pathseg.store import Z0_PAIR, FeatureStore, digest, store_path_for
+from pathseg.store.identity import encoder_identities
 from pathseg.store.names import (
     ENCODER_TIMESTEP,
     RGB_BLOCK,
@@ -141,6 +142,8 @@ def run_key(config: PipelineConfig, store: FeatureStore, pairs: list[tuple[int, 
         {
             "store": store.fingerprint,
             "pairs": pairs,
+            # encoder arrays are outside the store's fingerprint: their weights key the run instead
+            **({"encoders": ids} if (ids := encoder_identities(store.attrs, [b for _, b in pairs])) else {}),
             **({"pixels": True} if run_takes_pixels(config) and config.head.kind not in PIXEL_KINDS else {}),
             "head": keyed_settings(config.head),
             "train": {k: v for k, v in config.train.model_dump(mode="json").items() if k not in LOADER_SPEED_SETTINGS},

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+ENCODERS_ATTR = "encoders"  # the store's record of every encoder array: whose weights, and what it cost
+ENCODER_COST_KEYS = ("seconds_per_tile", "device", "shared")  # how and how long, never what it computed
 
 
 def canonical_json(value: Any) -> str:
@@ -90,3 +92,17 @@ def store_path_for(config: Any) -> Path:
     """`cache/<dataset>-<backbone>-<key>.zarr`: the name says what it holds, the key what exactly."""
     backbone = Path(config.backbone.name).name.removesuffix(".ckpt") or "backbone"
     return Path(config.cache_dir) / f"{config.dataset.name}-{backbone}-{store_key(config)[:12]}.zarr"
+
+
+def encoder_identity(recorded: dict | None) -> dict | None:
+    """What an encoder array's record says about its values (encoder, weights digest or random and seed,
+    normalisation, layer), without how long it took: the part a head trained on it depends on."""
+    if recorded is None:
+        return None
+    return {k: v for k, v in recorded.items() if k not in ENCODER_COST_KEYS}
+
+
+def encoder_identities(attrs: dict, blocks: list[str]) -> dict[str, dict | None]:
+    """`encoder_identity` of each of `blocks` that the store records (encoder arrays; other blocks are skipped)."""
+    recorded = attrs.get(ENCODERS_ATTR, {})
+    return {block: encoder_identity(recorded.get(block)) for block in blocks if block in recorded}

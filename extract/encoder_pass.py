@@ -21,10 +21,8 @@ from pathseg.config import PipelineConfig
 from pathseg.errors import PathsegError
 from pathseg.progress import progress_bar
 from pathseg.store import FeatureStore, feature_key
-from pathseg.store.identity import ENCODER_COST_KEYS, ENCODERS_ATTR
+from pathseg.store.identity import ENCODERS_ATTR, encoder_identity
 from pathseg.store.names import ENCODER_TIMESTEP, encoder_block
-
-COST_KEYS = ENCODER_COST_KEYS
 
 
 def _to_input(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -36,7 +34,7 @@ def check_identity(store: FeatureStore, block: str, identity: dict) -> None:
     recorded = store.attrs.get(ENCODERS_ATTR, {}).get(block)
     if recorded is None:
         return
-    same = {k: v for k, v in recorded.items() if k not in COST_KEYS and k != "layer"}
+    same = {k: v for k, v in encoder_identity(recorded).items() if k != "layer"}
     if same == identity:
         return
     differing = sorted(k for k in set(same) | set(identity) if same.get(k) != identity.get(k))

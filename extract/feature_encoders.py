@@ -128,6 +128,11 @@ def check_encoder_settings(config: ExtractConfig) -> None:
         arrays[key] = name
 
 
+def unknown_encoder(name: str) -> PathsegError:
+    known = ", ".join([hipt.NAME, *(TIMM_PREFIX + arch for arch in TIMM_VIT_ARCHS), "python:module:factory"])
+    return PathsegError(f"extract.encoders: unknown encoder {name!r}; known: {known}")
+
+
 def _depth(name: str) -> int | None:
     """Blocks of a named encoder (None for a python: plugin, known once imported); unknown names fail here."""
     if name == hipt.NAME:
@@ -136,8 +141,7 @@ def _depth(name: str) -> int | None:
         return TIMM_VIT_ARCHS[name[len(TIMM_PREFIX):]].depth
     if is_plugin_spec(name) and PLUGIN_SPEC.match(name):
         return None
-    known = ", ".join([hipt.NAME, *(TIMM_PREFIX + arch for arch in TIMM_VIT_ARCHS), "python:module:factory"])
-    raise PathsegError(f"extract.encoders: unknown encoder {name!r}; known: {known}")
+    raise unknown_encoder(name)
 
 
 def planned_identity(config: ExtractConfig, name: str, seed: int) -> dict | None:
@@ -190,8 +194,7 @@ def _build(name: str, weights: str, trust_checkpoint: bool, seed: int,
         identity["code"] = loaded.identity
         return FeatureEncoder(name, loaded.module.eval().requires_grad_(False), loaded.input_size,
                               tuple(loaded.mean), tuple(loaded.std), identity)
-    known = ", ".join([hipt.NAME, *(TIMM_PREFIX + arch for arch in TIMM_VIT_ARCHS), "python:module:factory"])
-    raise PathsegError(f"extract.encoders: unknown encoder {name!r}; known: {known}")
+    raise unknown_encoder(name)
 
 
 def configured_encoders(config: ExtractConfig, *, trust_checkpoint: bool = False, seed: int = 0,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pathseg.extract.encoder_pass import COST_KEYS
 from pathseg.extract.extractor import STORAGE_DTYPES
 from pathseg.extract.feature_encoders import FeatureEncoder, build_feature_encoder, encoder_weights
 from pathseg.train_head.runs import Run
 
 from pathseg.config import CODE_PREFIX, PipelineConfig
 from pathseg.errors import PathsegError
+from pathseg.store.identity import encoder_identity
 from pathseg.store.names import ENCODER_TIMESTEP, is_encoder, split_encoder_block
 
 RunEncoders = dict[str, tuple[FeatureEncoder, list[tuple[str, int | None]]]]
@@ -40,7 +40,7 @@ def run_encoders(run: Run, config: PipelineConfig, trust_run: bool) -> RunEncode
                                         seed=config.extract.noise_seed, allowed_code={name} if trust_run else (),
                                         normalisation=config.extract.encoder_normalisation.get(name))
         for block, _ in blocks:
-            expected = {k: v for k, v in (recorded.get(block) or {}).items() if k not in COST_KEYS and k != "layer"}
+            expected = {k: v for k, v in (encoder_identity(recorded.get(block)) or {}).items() if k != "layer"}
             if expected and expected != encoder.identity:
                 raise PathsegError(f"run {run.directory}: extract.encoder_weights.{name} is not the file its store's "
                                    f"{block} was extracted with (weights digest differs); point it at that file")

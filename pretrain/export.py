@@ -9,7 +9,6 @@ new feature store even at the same path.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from pathseg.pretrain.data import to_unit_tensor
 from pathseg.pretrain.first_stage import reconstruct
 from pathseg.pretrain.identity import settings_key
 from pathseg.pretrain.plots import image_grid, loss_plot, to_uint8
-from pathseg.pretrain.quality import first_stage_quality, quality_tiles
+from pathseg.pretrain.quality import first_stage_quality, psnr, quality_tiles
 from pathseg.pretrain.trainer import Trainer
 from pathseg.pretrain.unet_phase import sample_images
 
@@ -67,12 +66,11 @@ def write_reconstructions(trainer: Trainer, path: Path) -> dict[str, float] | No
     originals = tiles.astype(np.float32) / 127.5 - 1.0
     rebuilt = to_uint8(decoded)
     error = np.abs(rebuilt.astype(np.float32) - tiles.astype(np.float32)) / 255.0
-    mse = float(np.mean(error**2))
     image_grid([tiles, rebuilt], path)
     return {
         "tiles": len(tiles),
         "l1": float(np.mean(np.abs(decoded.transpose(0, 2, 3, 1) - originals)) / 2.0),
-        "psnr_db": float(10 * math.log10(1.0 / mse)) if mse > 0 else float("inf"),
+        "psnr_db": psnr(error),
     }
 
 

@@ -43,7 +43,7 @@ def quality_tiles(config: PipelineConfig, training_tiles) -> tuple[np.ndarray, d
     return training_tiles(count), {"split": "training tiles", "held_out": False}
 
 
-def _psnr(error: np.ndarray) -> float:
+def psnr(error: np.ndarray) -> float:
     mse = float(np.mean(error**2))
     return float(10 * math.log10(1.0 / mse)) if mse > 0 else float("inf")
 
@@ -70,9 +70,9 @@ def first_stage_quality(first_stage, tiles: np.ndarray, device: torch.device, ba
         "tiles": len(tiles),
         "tile_size": size,
         "l1": float(np.mean(np.abs(error))),
-        "psnr_db": _psnr(error),
+        "psnr_db": psnr(error),
         "ssim": sum(similarity) / len(tiles),
         "border_px": band,
-        "border_psnr_db": _psnr(error[:, border]),
-        "interior_psnr_db": _psnr(error[:, ~border]),
+        "border_psnr_db": psnr(error[:, border]),
+        "interior_psnr_db": psnr(error[:, ~border]),
     }

@@ -270,7 +270,7 @@ def file_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _load_first_stage(directory: Path) -> FirstStage:
+def load_first_stage(directory: Path) -> FirstStage:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise PathsegError(f"{config_path} is missing; a backbone directory needs first_stage/config.json")
@@ -320,7 +320,7 @@ def load_backbone_dir(directory: Path) -> Backbone:
     try:
         with quiet_diffusers():
             unet = _strict_from_pretrained(UNet2DConditionModel, directory / "unet")
-            first_stage = _load_first_stage(directory / "first_stage")
+            first_stage = load_first_stage(directory / "first_stage")
             scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         raise PathsegError(f"backbone directory {directory}: {str(error).splitlines()[0]}") from None

@@ -39,6 +39,7 @@ from pathseg.pretrain.identity import (
     settings_key,
 )
 from pathseg.pretrain.presets import model_configs, phase_steps
+from pathseg.pretrain.reused_first_stage import reuse_first_stage
 from pathseg.pretrain.unet_phase import ssl_conditioning
 
 from pathseg.config import PipelineConfig
@@ -236,7 +237,11 @@ def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progres
     stream = build_stream(config)
     conditioning, configs["projector"] = ssl_conditioning(config.conditioning, configs["projector"],
                                                           config.tiling.tile_size)
-    identity = run_identity(config, configs, stream.reader.identity())
+    reused = (reuse_first_stage(settings.first_stage_from, configs["unet"])
+              if settings.first_stage_from is not None else None)
+    if reused is not None:
+        reused.apply_to(configs)
+    identity = run_identity(config, configs, stream.reader.identity(), reused.digest if reused else None)
     work = work_dir_for(out)
     checkpoint = work / CHECKPOINT
     prepared: dict[str, dict | None] = {}
@@ -253,7 +258,7 @@ def _run_locked(config: PipelineConfig, out: Path, overwrite: bool, show_progres
     saved = prepared["saved"] if processes.main else (load_checkpoint(checkpoint) if resumes else None)
     torch.manual_seed(settings.seed)
     trainer = Trainer(config, configs, device, autocast_factory(device, precision), stream, conditioning,
-                      checkpoint, identity, resume_key(identity), steps, processes)
+                      checkpoint, identity, resume_key(identity), steps, processes, reused)
     trainer.precision = precision
     summary = PretrainSummary(out, main=processes.main)
     if saved is not None:

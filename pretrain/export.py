@@ -136,6 +136,8 @@ def build_record(trainer: Trainer, reconstruction: dict | None, samples: int, di
         "resumed_from_steps": state.resumed_from,
         "settings_changed": state.changes,  # learning rates etc. changed when a stopped run was resumed
         "latent_scale": state.latent_scale,
+        # the first stage taken from another backbone (pretrain.first_stage_from): where, its digest, its phase-1 s
+        "first_stage_from": trainer.reused.source if trainer.reused is not None else None,
         "reconstruction": reconstruction,
         # whole held-out tiles at extraction size; with the first stage's minutes in `seconds`
         "first_stage_quality": measure_first_stage(trainer),

@@ -35,22 +35,28 @@ LEGACY_KEYS = ("models", "data", "tiling", "conditioning", "seed", "first_stage_
 # run are one run: a crop not smaller than the tile is whole tiles, a fraction and a step count the same split.
 DERIVED = ("preset", "unet_width", "first_stage_width", "first_stage", "first_stage_crop", "steps",
            "first_stage_fraction", "first_stage_steps", "splits", "slides", "mpp", "level0_mpp", "force_level0_mpp",
-           "tissue_threshold", "min_tissue", "seed")
+           "tissue_threshold", "min_tissue", "seed", "first_stage_from")
 # Not the weights: where the run computes (device and autocast change them only by rounding, like another
 # machine; the record says which were used), how often it saves, and the pictures drawn after training.
 NOT_WEIGHTS = ("device", "autocast", "checkpoint_every", "keep_checkpoint", "samples", "sample_steps",
                "reconstructions", "quality_split", "quality_tiles")
 # Everything else, held as set: each changes what step k does without reference to the total step count.
 STEP_LOCAL = ("batch_size", "lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight",
-              "condition_dropout", "ema_decay", "flips", "colour_jitter", "cached_images", "first_stage_whole_fraction")
+              "condition_dropout", "ema_decay", "flips", "colour_jitter", "cached_images", "first_stage_whole_fraction",
+              "warmup_steps", "lr_decay_after", "min_snr_gamma", "accumulation")
+# Settings added after checkpoints were written, at the values that leave training as it was: a checkpoint or
+# record without them is read as having used these, so older runs still resume and extend.
+ADDED_LATER = {"first_stage_whole_fraction": 0.0, "warmup_steps": 0, "lr_decay_after": None, "min_snr_gamma": None,
+               "accumulation": 1}
 RECOVERY = ("lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight", "batch_size")
 
 
-def run_identity(config: PipelineConfig, configs: dict, data: dict) -> dict:
+def run_identity(config: PipelineConfig, configs: dict, data: dict, first_stage_digest: str | None = None) -> dict:
     """The run's identity (JSON-plain, for the checkpoint and the record).
 
     `settings` holds every pretrain setting neither derived nor `NOT_WEIGHTS`, so a setting added later is
-    keyed until someone decides otherwise.
+    keyed until someone decides otherwise. A first stage taken from another backbone is held by its weights'
+    digest, not its path, so moving that directory changes nothing.
     """
     s = config.pretrain
     left_out = set(DERIVED) | set(NOT_WEIGHTS)
@@ -64,6 +70,8 @@ def run_identity(config: PipelineConfig, configs: dict, data: dict) -> dict:
         "first_stage_crop": crop_size(s.first_stage_crop, config.tiling.tile_size),  # None: whole tiles
         "settings": {k: v for k, v in s.model_dump(mode="json").items() if k not in left_out},
     }
+    if first_stage_digest is not None:
+        identity["first_stage_from"] = first_stage_digest
     return json.loads(canonical_json(identity))
 
 
@@ -95,7 +103,15 @@ def normalised(theirs: dict, ours: dict) -> dict:
         theirs["first_stage_steps"] = min(max(1, round(steps * fraction)), steps - 1)
     if "settings" not in theirs and set(theirs) == set(LEGACY_KEYS):
         theirs["settings"] = ours.get("settings", {})
-    return theirs
+    return with_added_settings(theirs)
+
+
+def with_added_settings(identity: dict) -> dict:
+    """The identity with every `ADDED_LATER` setting it lacks at its neutral value."""
+    settings = identity.get("settings")
+    if not isinstance(settings, dict) or set(ADDED_LATER) <= set(settings):
+        return identity
+    return {**identity, "settings": {**ADDED_LATER, **settings}}
 
 
 def differences(ours: dict, theirs: dict) -> list[str]:
@@ -122,7 +138,8 @@ def recorded_identity(record: dict, ours: dict) -> tuple[str | None, dict | None
     key = record.get("settings_key")
     identity = record.get("identity")
     if isinstance(identity, dict):
-        return key, identity
+        completed = with_added_settings(identity)
+        return (key if completed is identity else settings_key(completed)), completed
     if key != digest({k: ours.get(k) for k in LEGACY_KEYS}):
         return key, None
     pretrain = (record.get("config") or {}).get("pretrain") or {}

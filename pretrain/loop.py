@@ -1,9 +1,11 @@
 """One phase's optimiser steps: read ahead, step, check, record, checkpoint. Shared by both phases.
 
-Every step draws its randomness (augmentation, noise, timesteps, condition dropout) from a generator
-seeded by (seed, step), and its tiles from the stream's (seed, step) order, so a resumed run repeats
-exactly what the killed one would have done. A loss or gradient that is not finite stops the run
-before the optimiser touches the weights, and the last checkpoint, written before it, stays as it was.
+Every batch draws its randomness (augmentation, noise, timesteps, condition dropout) from a generator
+seeded by (seed, batch index), and its tiles from the stream's (seed, batch index) order, so a resumed run
+repeats exactly what the killed one would have done. With `pretrain.accumulation` A, optimiser step k
+averages the gradients of batches kA .. kA + A - 1, so A = 1 is exactly the run without accumulation.
+A loss or gradient that is not finite stops the run before the optimiser touches the weights, and the last
+checkpoint, written before it, stays as it was.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Phase:
     parameters: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     after_step: Callable[[], None] | None = None  # the EMA update
+    lr: Callable[[int], float] | None = None  # global step -> learning rate, set before every optimiser step
+    accumulation: int = 1  # batches per optimiser step
 
 
 def _stop(phase: Phase, step: int, what: str, value: float, checkpoint: Path, checkpoint_step: int | None) -> None:
@@ -71,28 +75,39 @@ def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_ev
         return
     last_saved = state.step if state.step > 0 and checkpoint.exists() else None
     total = phase.stop - start
+    per_step = phase.accumulation
     with (
         progress_bar(PHASE_NAMES[phase.name], total, "steps", show_progress and processes.main) as advance,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathseg-pretrain-read") as reader,
     ):
-        upcoming = reader.submit(stream.batch, start, part)
+        batches = range(start * per_step, phase.stop * per_step)
+        upcoming = reader.submit(stream.batch, batches[0], part)
         started = time.perf_counter()
         for step in range(start, phase.stop):
-            tiles = upcoming.result()
-            if step + 1 < phase.stop:
-                upcoming = reader.submit(stream.batch, step + 1, part)
-            loss = phase.loss(step, tiles, part)
-            loss, parts = loss if isinstance(loss, tuple) else (loss, {})
-            value, *term_values = mean_over_processes([float(loss.detach()), *parts.values()], processes)
-            parts = dict(zip(parts, term_values, strict=True))
-            if not math.isfinite(value):
-                _stop(phase, step + 1, "loss", value, checkpoint, last_saved)
             phase.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            values: list[list[float]] = []
+            terms: dict[str, float] = {}
+            for index in range(step * per_step, (step + 1) * per_step):
+                tiles = upcoming.result()
+                if index + 1 < batches.stop:
+                    upcoming = reader.submit(stream.batch, index + 1, part)
+                loss = phase.loss(index, tiles, part)
+                loss, parts = loss if isinstance(loss, tuple) else (loss, {})
+                value, *term_values = mean_over_processes([float(loss.detach()), *parts.values()], processes)
+                if not math.isfinite(value):
+                    _stop(phase, step + 1, "loss", value, checkpoint, last_saved)
+                (loss / per_step if per_step > 1 else loss).backward()
+                values.append([value, *term_values])
+                terms = dict.fromkeys(parts, 0.0)
+            value, *term_values = np.mean(values, axis=0).tolist()
+            parts = dict(zip(terms, term_values, strict=True))
             average_gradients(phase.parameters, processes)
             norm = float(torch.nn.utils.clip_grad_norm_(phase.parameters, float("inf")))
             if not math.isfinite(norm):
                 _stop(phase, step + 1, "gradient norm", norm, checkpoint, last_saved)
+            if phase.lr is not None:
+                for group in phase.optimizer.param_groups:
+                    group["lr"] = phase.lr(step)
             phase.optimizer.step()
             if phase.after_step is not None:
                 phase.after_step()

@@ -60,7 +60,9 @@ def model_configs(settings: PretrainConfig) -> dict:
 
 def phase_steps(settings: PretrainConfig) -> tuple[int, int]:
     """(first-stage steps, UNet steps): `first_stage_steps`, or `steps` split by `first_stage_fraction`; at
-    least one step each."""
+    least one step each, unless the first stage comes from another backbone (`first_stage_from`: no phase 1)."""
+    if settings.first_stage_from is not None:
+        return 0, settings.steps
     if settings.first_stage_steps is not None:
         first = settings.first_stage_steps
     else:

@@ -25,6 +25,8 @@ from pathseg.pretrain.data import BatchPart, TileStream, augment, crop_size, ran
 from pathseg.pretrain.distributed import ONE_PROCESS, Processes, broadcast_parameters
 from pathseg.pretrain.first_stage import build_first_stage, first_stage_loss, set_latent_scale
 from pathseg.pretrain.loop import Phase, step_generator, train_phase
+from pathseg.pretrain.reused_first_stage import ReusedFirstStage
+from pathseg.pretrain.schedule import lr_factor
 from pathseg.pretrain.unet_phase import ContextMaker, build_unet, latent_encoder, latent_std, unet_loss
 from torch import nn
 
@@ -37,7 +39,7 @@ class Trainer:
     def __init__(self, config: PipelineConfig, configs: dict, device: torch.device,
                  autocast: Callable[[], AbstractContextManager], stream: TileStream, conditioning: Conditioning,
                  checkpoint: Path, identity: dict, identity_key: str, phase_steps: tuple[int, int],
-                 processes: Processes = ONE_PROCESS) -> None:
+                 processes: Processes = ONE_PROCESS, reused: ReusedFirstStage | None = None) -> None:
         self.config = config
         self.processes = processes
         self.settings = config.pretrain
@@ -55,9 +57,12 @@ class Trainer:
         self.scheduler = ldm_scheduler()
         s = self.settings
         self.first_stage_crop = crop_size(s.first_stage_crop, config.tiling.tile_size)  # None: whole tiles
-        self.first_stage = build_first_stage(configs["first_stage_class"], configs["first_stage"], s.seed).to(device)
+        self.reused = reused  # a first stage from another backbone: no phase 1, its own latent scale kept
+        first_stage = reused.model if reused else build_first_stage(configs["first_stage_class"],
+                                                                    configs["first_stage"], s.seed)
+        self.first_stage = first_stage.to(device)
         broadcast_parameters([self.first_stage], processes)
-        self.first_stage_optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
+        self.first_stage_optimizer: torch.optim.Optimizer | None = None if reused else torch.optim.AdamW(
             self.first_stage.parameters(), lr=s.lr_first_stage, weight_decay=s.weight_decay
         )
         self.unet = None
@@ -69,6 +74,13 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.first_steps + self.unet_steps
+
+    def _learning_rate(self, base: float, phase_start: int) -> Callable[[int], float]:
+        """Global step -> lr, set before every step: the schedule (warm-up, decay) counts steps of its own phase,
+        and the base is today's setting, so a resume that lowers lr (a `RECOVERY` change) takes effect rather
+        than the rate the checkpointed optimiser carried."""
+        s = self.settings
+        return lambda step: base * lr_factor(step - phase_start, s.warmup_steps, s.lr_decay_after)
 
     # ---- phase 1 -----------------------------------------------------------------------------------
 
@@ -96,7 +108,9 @@ class Trainer:
         if self.state.step < self.first_steps:
             self.first_stage.train().requires_grad_(True)
             phase = Phase("first_stage", self.first_steps, self._first_stage_loss,
-                          list(self.first_stage.parameters()), self.first_stage_optimizer)
+                          list(self.first_stage.parameters()), self.first_stage_optimizer,
+                          lr=self._learning_rate(self.settings.lr_first_stage, 0),
+                          accumulation=self.settings.accumulation)
             train_phase(phase, self.state, self.stream, self.settings.checkpoint_every, self.save, self.checkpoint,
                         show_progress, self.processes)
         self.freeze_first_stage()
@@ -106,7 +120,9 @@ class Trainer:
         run computes the same one)."""
         self.first_stage.eval().requires_grad_(False)
         self.first_stage_optimizer = None
-        if self.configs["first_stage_class"] == "AutoencoderKL":
+        if self.reused is not None:
+            self.state.latent_scale = float(self.first_stage.config.get("scaling_factor", 1.0))
+        elif self.configs["first_stage_class"] == "AutoencoderKL":
             set_latent_scale(self.first_stage, 1.0)
             encoder = latent_encoder(self.first_stage, None, self.scheduler, None)
             tiles = self.stream.spread(LATENT_SCALE_TILES)
@@ -138,7 +154,7 @@ class Trainer:
     def _unet_loss(self, step: int, tiles: np.ndarray, part: BatchPart) -> torch.Tensor:
         images, generator = self._augmented(step, tiles, part)
         return unet_loss(self.unet, self.encoder, self.scheduler, self.context, images, generator, self.autocast,
-                         part)
+                         part, self.settings.min_snr_gamma)
 
     def train_unet(self, show_progress: bool) -> None:
         self.ensure_unet()
@@ -146,7 +162,8 @@ class Trainer:
         self.projector.train()
         average = (lambda: self.ema.step(self.trained_parameters())) if self.ema is not None else None
         phase = Phase("unet", self.total_steps, self._unet_loss, self.trained_parameters(), self.unet_optimizer,
-                      after_step=average)
+                      after_step=average, lr=self._learning_rate(self.settings.lr_unet, self.first_steps),
+                      accumulation=self.settings.accumulation)
         train_phase(phase, self.state, self.stream, self.settings.checkpoint_every, self.save, self.checkpoint,
                     show_progress, self.processes)
 

@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from pathseg.extract.backbone import Backbone, FirstStage, SSLProjector
 from pathseg.extract.conditioning import Conditioning, build_conditioning
 from pathseg.pretrain.data import BatchPart
+from pathseg.pretrain.schedule import min_snr_weights
 from torch.nn import functional as F
 
 from pathseg.config import ConditioningConfig
@@ -77,16 +78,21 @@ class ContextMaker:
         return self.projector(patch, region)
 
 
-def diffusion_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """eps-prediction: the simple MSE the LDM trained with (l_simple, no VLB term)."""
-    return F.mse_loss(predicted.float(), noise.float())
+def diffusion_loss(predicted: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """eps-prediction: the simple MSE the LDM trained with (l_simple, no VLB term); `weights` per sample
+    (min-SNR-gamma) or None."""
+    if weights is None:
+        return F.mse_loss(predicted.float(), noise.float())
+    per_sample = F.mse_loss(predicted.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights.float()).mean()
 
 
 def unet_loss(unet: UNet2DConditionModel, encoder: Backbone, scheduler: DDPMScheduler, context: ContextMaker,
               images01: torch.Tensor, generator: torch.Generator, autocast,
-              part: BatchPart | None = None) -> torch.Tensor:
+              part: BatchPart | None = None, min_snr_gamma: float | None = None) -> torch.Tensor:
     """One batch: z_0 = encode(x), z_t = q(z_t | z_0, eps) at uniform t, predict eps. Noise, timesteps and
-    dropout are drawn for the whole batch and `part` of them used (BatchPart)."""
+    dropout are drawn for the whole batch and `part` of them used (BatchPart). `min_snr_gamma`: weight each
+    sample's loss by min(SNR, gamma) / SNR (`schedule.min_snr_weights`)."""
     device = images01.device
     part = part or BatchPart.whole(images01.shape[0])
     with torch.no_grad(), autocast():
@@ -98,7 +104,8 @@ def unet_loss(unet: UNet2DConditionModel, encoder: Backbone, scheduler: DDPMSche
     with autocast():
         ctx = context(images01, generator, part)
         predicted = unet(noisy, timesteps, ctx).sample
-    return diffusion_loss(predicted, noise)
+    weights = None if min_snr_gamma is None else min_snr_weights(scheduler, timesteps, min_snr_gamma)
+    return diffusion_loss(predicted, noise, weights)
 
 
 def latent_encoder(first_stage: FirstStage, unet: UNet2DConditionModel, scheduler: DDPMScheduler,

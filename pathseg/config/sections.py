@@ -220,6 +220,9 @@ class PretrainConfig(Section):
     unet_width: int | None = Field(None, ge=8)  # null = the preset's; smaller only for tests and smoke runs
     first_stage_width: int | None = Field(None, ge=8)
     first_stage: Literal["vq", "kl"] = "vq"
+    # a backbone directory whose first stage is taken, frozen, instead of phase 1 (the LDM's practice: one
+    # autoencoder, many diffusion models); the run is then all UNet steps. null = train one
+    first_stage_from: Path | None = None
     first_stage_crop: int | None = Field(128, ge=4)  # phase 1 trains on random crops this size; null = whole tiles
     # share of phase-1 steps on whole tiles though first_stage_crop is set, evenly spaced: the mid-block attention
     # then also sees extraction's full latent context (the bright rim at tile borders of crop-only training)
@@ -230,6 +233,12 @@ class PretrainConfig(Section):
     batch_size: int = Field(8, ge=1)
     lr_first_stage: float = Field(1e-4, gt=0)
     lr_unet: float = Field(1e-4, gt=0)
+    # step-local schedule (pretrain/schedule.py), so runs still extend: linear warm-up over each phase's first
+    # warmup_steps, then lr / sqrt(k / lr_decay_after) after lr_decay_after steps of a phase (EDM2); null: none
+    warmup_steps: int = Field(0, ge=0)
+    lr_decay_after: int | None = Field(None, ge=1)
+    min_snr_gamma: float | None = Field(None, gt=0)  # UNet loss weight min(SNR, gamma) / SNR (Hang et al. 2023)
+    accumulation: int = Field(1, ge=1)  # batches per optimiser step: an effective batch of batch_size x this
     weight_decay: float = Field(0.0, ge=0)
     ssim_weight: float = Field(0.2, ge=0)
     kl_weight: float = Field(1e-6, ge=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +245,20 @@ def test_a_checkpoint_from_before_first_stage_steps_still_resumes(pretrained, tm
     np.testing.assert_allclose(history(out)["unet"], history(pretrained[1])["unet"], rtol=1e-5)
 
 
+def test_a_backbone_recorded_before_these_settings_is_still_the_same_run(pretrained, tmp_path):
+    """A record whose identity lacks the later settings reads them at their neutral values: done, not refused."""
+    config, reference, _ = pretrained
+    out = tmp_path / "backbone"
+    shutil.copytree(reference, out)
+    shutil.copytree(work_dir_for(reference), work_dir_for(out))
+    record = json.loads((out / PRETRAIN_RECORD).read_text())
+    for name in ("warmup_steps", "lr_decay_after", "min_snr_gamma", "accumulation", "first_stage_whole_fraction"):
+        record["identity"]["settings"].pop(name)
+    record["settings_key"] = "an-older-key"
+    (out / PRETRAIN_RECORD).write_text(json.dumps(record))
+    assert run_pretraining(config, out, show_progress=False).already_done
+
+
 KILLED_RUN = """
 import json, sys, time
 from pathlib import Path
@@ -296,9 +311,9 @@ def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     out = tmp_path / "backbone"
     honest, calls = unet_phase.diffusion_loss, []
 
-    def poisoned(predicted, noise):
+    def poisoned(predicted, noise, weights=None):
         calls.append(1)
-        loss = honest(predicted, noise)
+        loss = honest(predicted, noise, weights)
         return loss * float("nan") if len(calls) == 6 else loss  # the UNet's 6th step, global step 14
 
     monkeypatch.setattr(unet_phase, "diffusion_loss", poisoned)

@@ -34,10 +34,10 @@ def pathseg(*args: str) -> str:
     """Run one pathseg command, echo its output, stop the script in one line if it fails."""
     print("$ pathseg " + " ".join(args), flush=True)
     done = subprocess.run(["pathseg", *args], capture_output=True, text=True)
-    sys.stdout.write(done.stdout[-4000:])
+    sys.stdout.write(done.stdout[-4000:] + done.stderr[-4000:])
     if done.returncode:
         sys.exit(f"pathseg {args[0]} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    return done.stdout
+    return done.stdout + done.stderr  # pathseg says where it wrote on stderr
 
 
 def scores(ablation: dict, cell: str) -> dict:
@@ -46,7 +46,7 @@ def scores(ablation: dict, cell: str) -> dict:
     out: dict = {"cell": cell, "seeds": len(runs)}
     for split in ("val", "testA"):
         miou = [r["splits"][split]["miou"] for r in runs]
-        f1 = [r["splits"][split].get("objects_decoded", r["splits"][split]["objects"])["object_f1"] for r in runs]
+        f1 = [(r["splits"][split].get("objects_decoded") or r["splits"][split]["objects"])["object_f1"] for r in runs]
         out[f"{split}_miou"] = [float(np.mean(miou)), float(np.std(miou, ddof=1)) if len(miou) > 1 else 0.0]
         out[f"{split}_object_f1"] = [float(np.mean(f1)), float(np.std(f1, ddof=1)) if len(f1) > 1 else 0.0]
     return out
@@ -54,11 +54,11 @@ def scores(ablation: dict, cell: str) -> dict:
 
 def budget_point(args: argparse.Namespace, steps: int) -> dict:
     common = ["--dataset", "glas", "--data-root", DATA]
-    pathseg("pretrain", *common, "--preset", "tiny", "--out", args.out, "--steps", str(steps),
-            "--set", f"pretrain.first_stage_from={args.first_stage}", "--set", "pretrain.samples=4",
-            "--set", f"pretrain.checkpoint_every={args.checkpoint_every}", *args.set, "-q")
     snapshot = Path(f"{args.out}-{steps}")
-    if not (snapshot / "pretrain.json").is_file():
+    if not (snapshot / "pretrain.json").is_file():  # a rerun after a stop skips the budgets it finished
+        pathseg("pretrain", *common, "--preset", "tiny", "--out", args.out, "--steps", str(steps),
+                "--set", f"pretrain.first_stage_from={args.first_stage}", "--set", "pretrain.samples=4",
+                "--set", f"pretrain.checkpoint_every={args.checkpoint_every}", *args.set, "-q")
         shutil.rmtree(snapshot, ignore_errors=True)
         shutil.copytree(args.out, snapshot)
     record = json.loads((snapshot / "pretrain.json").read_text())

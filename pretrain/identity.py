@@ -44,6 +44,8 @@ NOT_WEIGHTS = ("device", "autocast", "checkpoint_every", "keep_checkpoint", "sam
 STEP_LOCAL = ("batch_size", "lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight",
               "condition_dropout", "ema_decay", "flips", "colour_jitter", "cached_images", "first_stage_whole_fraction",
               "warmup_steps", "lr_decay_after", "min_snr_gamma", "accumulation")
+# What only phase 1 uses: not keyed when the first stage comes from another backbone (`first_stage_from`).
+FIRST_STAGE_ONLY = ("lr_first_stage", "ssim_weight", "kl_weight", "first_stage_whole_fraction")
 # Settings added after checkpoints were written, at the values that leave training as it was: a checkpoint or
 # record without them is read as having used these, so older runs still resume and extend.
 ADDED_LATER = {"first_stage_whole_fraction": 0.0, "warmup_steps": 0, "lr_decay_after": None, "min_snr_gamma": None,
@@ -70,8 +72,10 @@ def run_identity(config: PipelineConfig, configs: dict, data: dict, first_stage_
         "first_stage_crop": crop_size(s.first_stage_crop, config.tiling.tile_size),  # None: whole tiles
         "settings": {k: v for k, v in s.model_dump(mode="json").items() if k not in left_out},
     }
-    if first_stage_digest is not None:
+    if first_stage_digest is not None:  # no phase 1: its settings change nothing, so they do not key the run
         identity["first_stage_from"] = first_stage_digest
+        identity["first_stage_crop"] = None
+        identity["settings"] = {k: v for k, v in identity["settings"].items() if k not in FIRST_STAGE_ONLY}
     return json.loads(canonical_json(identity))
 
 
@@ -101,17 +105,19 @@ def normalised(theirs: dict, ours: dict) -> dict:
         steps = int(theirs.pop("steps"))
         fraction = float(theirs.pop("first_stage_fraction"))
         theirs["first_stage_steps"] = min(max(1, round(steps * fraction)), steps - 1)
-    if "settings" not in theirs and set(theirs) == set(LEGACY_KEYS):
-        theirs["settings"] = ours.get("settings", {})
+    if "settings" not in theirs and set(theirs) == set(LEGACY_KEYS):  # ours, less what that version could not do
+        theirs["settings"] = {**ours.get("settings", {}), **ADDED_LATER}
     return with_added_settings(theirs)
 
 
 def with_added_settings(identity: dict) -> dict:
     """The identity with every `ADDED_LATER` setting it lacks at its neutral value."""
     settings = identity.get("settings")
-    if not isinstance(settings, dict) or set(ADDED_LATER) <= set(settings):
+    added = {k: v for k, v in ADDED_LATER.items()
+             if not ("first_stage_from" in identity and k in FIRST_STAGE_ONLY)}  # not keyed there at all
+    if not isinstance(settings, dict) or set(added) <= set(settings):
         return identity
-    return {**identity, "settings": {**ADDED_LATER, **settings}}
+    return {**identity, "settings": {**added, **settings}}
 
 
 def differences(ours: dict, theirs: dict) -> list[str]:
@@ -145,5 +151,6 @@ def recorded_identity(record: dict, ours: dict) -> tuple[str | None, dict | None
     pretrain = (record.get("config") or {}).get("pretrain") or {}
     if not isinstance(pretrain, dict):
         return key, None
-    theirs = {**ours, "settings": {k: pretrain.get(k) for k in ours.get("settings", {})}}
+    theirs = {**ours, "settings": {k: pretrain[k] if k in pretrain else ADDED_LATER.get(k)
+                                   for k in ours.get("settings", {})}}
     return settings_key(theirs), theirs

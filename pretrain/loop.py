@@ -48,7 +48,9 @@ class Phase:
     parameters: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     after_step: Callable[[], None] | None = None  # the EMA update
-    lr: Callable[[int], float] | None = None  # global step -> learning rate, set before every optimiser step
+    # global step -> optimiser settings (lr, weight_decay) set before every step: the schedule, and today's values
+    # rather than those a resumed optimiser state carried
+    hyperparameters: Callable[[int], dict[str, float]] | None = None
     accumulation: int = 1  # batches per optimiser step
 
 
@@ -105,9 +107,9 @@ def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_ev
             norm = float(torch.nn.utils.clip_grad_norm_(phase.parameters, float("inf")))
             if not math.isfinite(norm):
                 _stop(phase, step + 1, "gradient norm", norm, checkpoint, last_saved)
-            if phase.lr is not None:
+            if phase.hyperparameters is not None:
                 for group in phase.optimizer.param_groups:
-                    group["lr"] = phase.lr(step)
+                    group.update(phase.hyperparameters(step))
             phase.optimizer.step()
             if phase.after_step is not None:
                 phase.after_step()

@@ -75,12 +75,13 @@ class Trainer:
     def total_steps(self) -> int:
         return self.first_steps + self.unet_steps
 
-    def _learning_rate(self, base: float, phase_start: int) -> Callable[[int], float]:
-        """Global step -> lr, set before every step: the schedule (warm-up, decay) counts steps of its own phase,
-        and the base is today's setting, so a resume that lowers lr (a `RECOVERY` change) takes effect rather
-        than the rate the checkpointed optimiser carried."""
+    def _hyperparameters(self, base_lr: float, phase_start: int) -> Callable[[int], dict[str, float]]:
+        """Global step -> lr and weight decay, set before every step: the schedule (warm-up, decay) counts steps
+        of its own phase, and the values are today's settings, so a resume that changes them (a `RECOVERY`
+        change) takes effect rather than what the checkpointed optimiser carried."""
         s = self.settings
-        return lambda step: base * lr_factor(step - phase_start, s.warmup_steps, s.lr_decay_after)
+        return lambda step: {"lr": base_lr * lr_factor(step - phase_start, s.warmup_steps, s.lr_decay_after),
+                             "weight_decay": s.weight_decay}
 
     # ---- phase 1 -----------------------------------------------------------------------------------
 
@@ -109,7 +110,7 @@ class Trainer:
             self.first_stage.train().requires_grad_(True)
             phase = Phase("first_stage", self.first_steps, self._first_stage_loss,
                           list(self.first_stage.parameters()), self.first_stage_optimizer,
-                          lr=self._learning_rate(self.settings.lr_first_stage, 0),
+                          hyperparameters=self._hyperparameters(self.settings.lr_first_stage, 0),
                           accumulation=self.settings.accumulation)
             train_phase(phase, self.state, self.stream, self.settings.checkpoint_every, self.save, self.checkpoint,
                         show_progress, self.processes)
@@ -162,7 +163,8 @@ class Trainer:
         self.projector.train()
         average = (lambda: self.ema.step(self.trained_parameters())) if self.ema is not None else None
         phase = Phase("unet", self.total_steps, self._unet_loss, self.trained_parameters(), self.unet_optimizer,
-                      after_step=average, lr=self._learning_rate(self.settings.lr_unet, self.first_steps),
+                      after_step=average,
+                      hyperparameters=self._hyperparameters(self.settings.lr_unet, self.first_steps),
                       accumulation=self.settings.accumulation)
         train_phase(phase, self.state, self.stream, self.settings.checkpoint_every, self.save, self.checkpoint,
                     show_progress, self.processes)

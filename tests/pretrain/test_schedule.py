@@ -71,7 +71,9 @@ def toy_run(rows: np.ndarray, batch_size: int, accumulation: int, steps: int, tm
         x = torch.as_tensor(tiles, dtype=torch.float32)
         return ((model(x[:, :3]).squeeze(1) - x[:, 3]) ** 2).mean()
 
-    phase = Phase("first_stage", steps, loss, list(model.parameters()), optimizer, lr=lr, accumulation=accumulation,
+    hyperparameters = None if lr is None else (lambda step: {"lr": lr(step)})
+    phase = Phase("first_stage", steps, loss, list(model.parameters()), optimizer, hyperparameters=hyperparameters,
+                  accumulation=accumulation,
                   after_step=lambda: rates.append(optimizer.param_groups[0]["lr"]))
     train_phase(phase, RunState(), ToyStream(rows, batch_size), 100, lambda: None, tmp_path / "none.pt", False)
     return model, rates
@@ -113,14 +115,15 @@ def test_a_scheduled_run_extends_to_more_steps_exactly_as_a_run_that_long(tmp_pa
         "warmup_steps": 3, "lr_decay_after": 4, "min_snr_gamma": 5.0, "accumulation": 2}
 
 
-def test_a_resume_that_lowers_the_learning_rate_uses_the_lower_rate(tmp_path, monkeypatch):
-    """The optimiser's saved state carries the old rate; the schedule sets today's before every step."""
+def test_a_resume_that_changes_lr_or_weight_decay_trains_with_the_new_values(tmp_path, monkeypatch):
+    """The optimiser's saved state carries the old values; today's are set before every step."""
     out = tmp_path / "backbone"
     run_until_checkpoint(monkeypatch, pretrain_config(tmp_path), out, 16)
-    summary = run_pretraining(pretrain_config(tmp_path, **{"pretrain.lr_unet": 0.0002}), out, show_progress=False)
+    summary = run_pretraining(pretrain_config(tmp_path, **{"pretrain.lr_unet": 0.0002, "pretrain.weight_decay": 0.01}),
+                              out, show_progress=False)
     assert summary.resumed_from == 16
-    saved = load_checkpoint(work_dir_for(out) / CHECKPOINT)
-    assert [group["lr"] for group in saved["unet_optimizer"]["param_groups"]] == [0.0002]
+    groups = load_checkpoint(work_dir_for(out) / CHECKPOINT)["unet_optimizer"]["param_groups"]
+    assert [(group["lr"], group["weight_decay"]) for group in groups] == [(0.0002, 0.01)]
 
 
 def test_a_first_stage_from_another_backbone_is_reused_frozen_and_keyed_by_its_weights(tmp_path):

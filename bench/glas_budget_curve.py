@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ INSTANCE_GRIDS = ["--set", "instances.marker_thresholds=[0.2,0.3,0.4,0.5,0.6,0.7
 def pathseg(*args: str) -> str:
     """Run one pathseg command, echo its output, stop the script in one line if it fails."""
     print("$ pathseg " + " ".join(args), flush=True)
-    done = subprocess.run(["pathseg", *args], capture_output=True, text=True)
+    command = shutil.which("pathseg") or str(Path(sys.executable).with_name("pathseg"))  # the venv's, unactivated
+    done = subprocess.run([command, *args], capture_output=True, text=True)
     sys.stdout.write(done.stdout[-4000:] + done.stderr[-4000:])
     if done.returncode:
         sys.exit(f"pathseg {args[0]} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
@@ -64,7 +66,9 @@ def budget_point(args: argparse.Namespace, steps: int) -> dict:
     record = json.loads((snapshot / "pretrain.json").read_text())
     store = f"{snapshot}.zarr"
     extraction = ["--timesteps", args.timesteps, "--blocks", args.blocks, "--store", store]
+    started = time.perf_counter()
     pathseg("extract", *common, "--backbone", str(snapshot), *extraction, "-q")
+    extract_seconds = time.perf_counter() - started  # of this call: about 0 when a rerun finds the store done
     ablate = pathseg("ablate", *common, "--backbone", str(snapshot), *extraction, "--grid", args.grid,
                      "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--baselines", "z0",
                      *INSTANCE_GRIDS, "-q")
@@ -84,6 +88,7 @@ def budget_point(args: argparse.Namespace, steps: int) -> dict:
         "chosen": scores(ablation, ablation["selected"]),
         "cells": [scores(ablation, cell) for cell in cells],
         "head_seconds": ablation["seconds"],
+        "extract_seconds": extract_seconds,
     }
 
 

@@ -109,9 +109,12 @@ def pretrain(
         return
     losses = record["final_losses"]
     rates = record["steps_per_second"]
+    origin = record.get("first_stage_from")
+    first_stage = (f"the first stage of {origin['path']}" if origin else
+                   f"{record['steps']['first_stage']} first-stage steps (loss {losses['first_stage']:.4g}, "
+                   f"{rates['first_stage'] or 0:.2f} steps/s)")
     say(
-        f"wrote {out}: {record['preset']} backbone, {record['steps']['first_stage']} first-stage steps "
-        f"(loss {losses['first_stage']:.4g}, {rates['first_stage'] or 0:.2f} steps/s) + {record['steps']['unet']} "
+        f"wrote {out}: {record['preset']} backbone, {first_stage} + {record['steps']['unet']} "
         f"UNet steps (loss {losses['unet']:.4g}, {rates['unet'] or 0:.2f} steps/s) on {record['data']['tiles']} "
         f"tiles; use it with `pathseg extract --backbone {out}`"
     )

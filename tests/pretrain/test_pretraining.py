@@ -469,6 +469,10 @@ def test_the_cli_pretrains_and_refuses_a_bad_setting_in_one_line(tmp_path, monke
     assert code == 0, err
     assert "wrote" in err and (out / PRETRAIN_RECORD).exists()
     assert json.loads((out / PRETRAIN_RECORD).read_text())["steps"]["total"] == 4
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--dataset", "synthetic", "--preset", "tiny", "--steps",
+                           "2", "--out", str(tmp_path / "reusing"), "--quiet", *sets,
+                           "--set", f"pretrain.first_stage_from={out}")
+    assert code == 0 and f"the first stage of {out}" in " ".join(err.split()), err
 
     code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--preset", "huge", "--out", str(tmp_path / "other"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "pretrain.preset" in err, err

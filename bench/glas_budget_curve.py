@@ -2,7 +2,8 @@
 
 One UNet run on a fixed first stage (`pretrain.first_stage_from`) is extended budget by budget (`--steps`). After
 each budget the backbone is copied aside, GlaS train/val/testA are extracted with it, and `pathseg ablate` fits
-and scores the heads: 3 seeds, chosen on val, test A reported, z0 beside the diffusion cell. Every step reuses
+and scores the heads: 3 seeds, chosen on val, test A reported. z0 (the frozen first stage's latent) is the same at
+every budget, so its heads are fitted at the first budget only and it stays a candidate of each. Every step reuses
 what a previous call finished, so rerunning after a stop resumes. Writes budget_curve.json and budget_curve.png.
 
     python bench/glas_budget_curve.py --workdir W --first-stage pt/fs-kl --out pt/unet-kl --budgets 100,200,400,600 \
@@ -54,7 +55,8 @@ def scores(ablation: dict, cell: str) -> dict:
     return out
 
 
-def budget_point(args: argparse.Namespace, steps: int) -> dict:
+def budget_point(args: argparse.Namespace, steps: int, z0: dict | None) -> dict:
+    """One budget's point; `z0` the scores of the first budget's z0 heads (None: fit them here)."""
     common = ["--dataset", "glas", "--data-root", DATA]
     snapshot = Path(f"{args.out}-{steps}")
     if not (snapshot / "pretrain.json").is_file():  # a rerun after a stop skips the budgets it finished
@@ -70,7 +72,8 @@ def budget_point(args: argparse.Namespace, steps: int) -> dict:
     pathseg("extract", *common, "--backbone", str(snapshot), *extraction, "-q")
     extract_seconds = time.perf_counter() - started  # of this call: about 0 when a rerun finds the store done
     ablate = pathseg("ablate", *common, "--backbone", str(snapshot), *extraction, "--grid", args.grid,
-                     "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--baselines", "z0",
+                     "--seeds", str(args.seeds), "--epochs", str(args.epochs),
+                     *(["--baselines", "z0"] if z0 is None else ["--no-baseline"]),
                      *INSTANCE_GRIDS, "-q")
     folder = re.findall(r"outputs in (\S+)", ablate)[-1]
     ablation = json.loads((Path(folder) / "ablation.json").read_text())
@@ -84,9 +87,7 @@ def budget_point(args: argparse.Namespace, steps: int) -> dict:
         "unet_loss": record["final_losses"]["unet"],
         "weights_digest": record["weights_digest"],
         "ablation": folder,
-        "selected": ablation["selected"],
-        "chosen": scores(ablation, ablation["selected"]),
-        "cells": [scores(ablation, cell) for cell in cells],
+        "cells": [scores(ablation, cell) for cell in cells] + ([z0] if z0 is not None else []),
         "head_seconds": ablation["seconds"],
         "extract_seconds": extract_seconds,
     }
@@ -136,7 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     args.set = [item for value in args.set for item in ("--set", value)]
     os.chdir(args.workdir)
-    points = [budget_point(args, int(steps)) for steps in args.budgets.split(",")]
+    points: list[dict] = []
+    for steps in args.budgets.split(","):
+        z0 = next((c for c in points[0]["cells"] if c["cell"] == "z0"), None) if points else None
+        point = budget_point(args, int(steps), z0)
+        point["chosen"] = max(point["cells"], key=lambda cell: cell["val_miou"][0])  # chosen on val, as ablate does
+        point["selected"] = point["chosen"]["cell"]
+        points.append(point)
     result = Path(f"{args.out}-budget_curve.json")
     result.write_text(json.dumps({"first_stage": args.first_stage, "settings": args.set, "points": points}, indent=1))
     reference = {label: float(value) for label, value in (item.rsplit("=", 1) for item in args.reference)}

@@ -1,6 +1,6 @@
 """Where a pretrained first stage's reconstruction error lies on held-out tiles: colour, coarse structure or detail.
 
-Splits the squared error on `pretrain.quality_split` tiles (as `pretrain.json`'s first_stage_quality cuts them)
+Splits the squared error on `pretrain.quality_split` tiles (cut and decoded as pretrain.json's first_stage_quality does)
 into a low-pass part (Gaussian, sigma 4 px: colour casts and tissue layout) and the rest (nuclei, edges,
 texture), and gives the PSNR a per-tile, per-channel affine colour correction would reach (and one shared by
 all tiles). A first stage whose
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from pathseg.extract.backbone import load_first_stage
-from pathseg.pretrain.first_stage import reconstruct
-from pathseg.pretrain.quality import psnr, quality_tiles
+from pathseg.pretrain.quality import decoded_batches, psnr, quality_tiles
 from scipy.ndimage import gaussian_filter
 
 from pathseg.config import load_config
@@ -52,13 +52,8 @@ def globally_corrected(decoded: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def error_split(directory: str, tiles: np.ndarray) -> dict:
     first_stage = load_first_stage(Path(directory) / "first_stage").eval()
-    decoded = []
-    for start in range(0, len(tiles), 8):
-        images = torch.from_numpy(tiles[start : start + 8]).permute(0, 3, 1, 2).float() / 255.0
-        with torch.no_grad():
-            rebuilt = reconstruct(first_stage, images * 2.0 - 1.0).clamp(-1, 1)
-        decoded.append(((rebuilt + 1) / 2).permute(0, 2, 3, 1).numpy())
-    decoded_tiles = np.concatenate(decoded)
+    batches = decoded_batches(first_stage, tiles, torch.device("cpu"), 8, nullcontext)
+    decoded_tiles = np.concatenate([decoded.permute(0, 2, 3, 1).numpy() for _, decoded in batches])
     target = tiles.astype(np.float32) / 255.0
     error = decoded_tiles - target
     low = gaussian_filter(error, sigma=(0, 4, 4, 0))

@@ -87,8 +87,8 @@ def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_ev
         started = time.perf_counter()
         for step in range(start, phase.stop):
             phase.optimizer.zero_grad(set_to_none=True)
-            values: list[list[float]] = []
-            terms: dict[str, float] = {}
+            values: list[list[float]] = []  # per batch: the loss, then its terms
+            names: list[str] = []
             for index in range(step * per_step, (step + 1) * per_step):
                 tiles = upcoming.result()
                 if index + 1 < batches.stop:
@@ -100,9 +100,9 @@ def train_phase(phase: Phase, state: RunState, stream: TileStream, checkpoint_ev
                     _stop(phase, step + 1, "loss", value, checkpoint, last_saved)
                 (loss / per_step if per_step > 1 else loss).backward()
                 values.append([value, *term_values])
-                terms = dict.fromkeys(parts, 0.0)
+                names = list(parts)
             value, *term_values = np.mean(values, axis=0).tolist()
-            parts = dict(zip(terms, term_values, strict=True))
+            parts = dict(zip(names, term_values, strict=True))
             average_gradients(phase.parameters, processes)
             norm = float(torch.nn.utils.clip_grad_norm_(phase.parameters, float("inf")))
             if not math.isfinite(norm):

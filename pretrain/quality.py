@@ -9,6 +9,7 @@ PSNR apart for the border band and the interior, because a rim shows as a border
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -48,17 +49,24 @@ def psnr(error: np.ndarray) -> float:
     return float(10 * math.log10(1.0 / mse)) if mse > 0 else float("inf")
 
 
+def decoded_batches(first_stage, tiles: np.ndarray, device: torch.device, batch_size: int,
+                    autocast) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tiles, what the frozen first stage gives back), batch by batch, both (B, 3, H, W) in [0, 1]; the
+    reconstruction rounded to what a uint8 picture of it holds."""
+    for start in range(0, len(tiles), batch_size):
+        images = to_unit_tensor(tiles[start : start + batch_size], device)
+        with torch.no_grad(), autocast():
+            decoded = reconstruct(first_stage, images * 2.0 - 1.0).float()
+        yield images, ((decoded.clamp(-1, 1) + 1) * 127.5).round() / 255.0
+
+
 def first_stage_quality(first_stage, tiles: np.ndarray, device: torch.device, batch_size: int,
                         autocast) -> dict[str, Any] | None:
     """L1, PSNR and SSIM over `tiles` (uint8, whole tiles), and PSNR of the border band against the interior."""
     if not len(tiles):
         return None
     rebuilt, similarity = [], []
-    for start in range(0, len(tiles), batch_size):
-        images = to_unit_tensor(tiles[start : start + batch_size], device)
-        with torch.no_grad(), autocast():
-            decoded = reconstruct(first_stage, images * 2.0 - 1.0).float()
-        decoded01 = ((decoded.clamp(-1, 1) + 1) * 127.5).round() / 255.0  # what a uint8 picture of it holds
+    for images, decoded01 in decoded_batches(first_stage, tiles, device, batch_size, autocast):
         similarity.append(float(ssim(decoded01, images)) * len(images))
         rebuilt.append(decoded01.permute(0, 2, 3, 1).cpu().numpy())
     error = np.concatenate(rebuilt) - tiles.astype(np.float32) / 255.0

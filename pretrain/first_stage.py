@@ -65,6 +65,13 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim
     return loss
 
 
+def lowpass_error(reconstruction: torch.Tensor, images: torch.Tensor, pool: int) -> torch.Tensor:
+    """MSE of the two images average-pooled by `pool`: the per-tile colour and contrast that L1 + SSIM (11 px
+    windows) weight weakly, and where two thirds or more of an undertrained first stage's error lies."""
+    pool = min(pool, images.shape[-1], images.shape[-2])
+    return F.mse_loss(F.avg_pool2d(reconstruction, pool, ceil_mode=True), F.avg_pool2d(images, pool, ceil_mode=True))
+
+
 def first_stage_loss(model: FirstStage, images: torch.Tensor, settings: PretrainConfig,
                      generator: torch.Generator,
                      part: BatchPart | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -83,7 +90,12 @@ def first_stage_loss(model: FirstStage, images: torch.Tensor, settings: Pretrain
         regulariser = settings.kl_weight * posterior.kl().float().mean()
     reconstructing = reconstruction_loss(reconstruction.float(), images.float(), settings.ssim_weight)
     parts = {"reconstruction": float(reconstructing.detach()), "regulariser": float(regulariser.detach())}
-    return reconstructing + regulariser, parts
+    loss = reconstructing + regulariser
+    if settings.lowpass_weight > 0:
+        lowpass = settings.lowpass_weight * lowpass_error(reconstruction.float(), images.float(), settings.lowpass_pool)
+        parts["lowpass"] = float(lowpass.detach())
+        loss = loss + lowpass
+    return loss, parts
 
 
 @torch.no_grad()

@@ -43,14 +43,15 @@ NOT_WEIGHTS = ("device", "autocast", "checkpoint_every", "keep_checkpoint", "sam
 # Everything else, held as set: each changes what step k does without reference to the total step count.
 STEP_LOCAL = ("batch_size", "lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight",
               "condition_dropout", "ema_decay", "flips", "colour_jitter", "cached_images", "first_stage_whole_fraction",
-              "warmup_steps", "lr_decay_after", "min_snr_gamma", "accumulation")
+              "warmup_steps", "lr_decay_after", "min_snr_gamma", "accumulation", "lowpass_weight", "lowpass_pool")
 # What only phase 1 uses: not keyed when the first stage comes from another backbone (`first_stage_from`).
-FIRST_STAGE_ONLY = ("lr_first_stage", "ssim_weight", "kl_weight", "first_stage_whole_fraction")
+FIRST_STAGE_ONLY = ("lr_first_stage", "ssim_weight", "kl_weight", "first_stage_whole_fraction", "lowpass_weight",
+                    "lowpass_pool")
 # Settings added after checkpoints were written, at the values that leave training as it was: a checkpoint or
 # record without them is read as having used these, so older runs still resume and extend.
 ADDED_LATER = {"first_stage_whole_fraction": 0.0, "warmup_steps": 0, "lr_decay_after": None, "min_snr_gamma": None,
-               "accumulation": 1}
-RECOVERY = ("lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight", "batch_size")
+               "accumulation": 1, "lowpass_weight": 0.0, "lowpass_pool": 8}
+RECOVERY = ("lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight", "lowpass_weight", "batch_size")
 
 
 def run_identity(config: PipelineConfig, configs: dict, data: dict, first_stage_digest: str | None = None) -> dict:

@@ -242,6 +242,10 @@ class PretrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     ssim_weight: float = Field(0.2, ge=0)
     kl_weight: float = Field(1e-6, ge=0)
+    # phase 1: + lowpass_weight x MSE of both images average-pooled by lowpass_pool, against the washed-out
+    # contrast L1 + SSIM leave at small budgets (docs/pretraining.md: most of the error is low-pass); 0 = off
+    lowpass_weight: float = Field(0.0, ge=0)
+    lowpass_pool: int = Field(8, ge=2)
     condition_dropout: float = Field(0.1, ge=0.0, le=1.0)
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0)  # a cap: diffusers' warm-up decay is n/(n+9) at UNet step n
     checkpoint_every: int = Field(200, ge=1)

@@ -31,7 +31,8 @@ CHANGED = {
     "pretrain.first_stage_steps": 1, "pretrain.first_stage_crop": 16, "pretrain.preset": "small",
     "pretrain.first_stage": "kl", "pretrain.unet_width": 16, "pretrain.splits": ["val"],
     "pretrain.first_stage_whole_fraction": 0.25, "pretrain.warmup_steps": 10, "pretrain.lr_decay_after": 100,
-    "pretrain.min_snr_gamma": 5.0, "pretrain.accumulation": 2,
+    "pretrain.min_snr_gamma": 5.0, "pretrain.accumulation": 2, "pretrain.lowpass_weight": 1.0,
+    "pretrain.lowpass_pool": 4,
 }
 LEGACY = ("models", "data", "tiling", "conditioning", "seed", "first_stage_steps", "first_stage_crop")
 # Settings that leave the weights as they are.

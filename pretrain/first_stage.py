@@ -88,11 +88,12 @@ def first_stage_loss(model: FirstStage, images: torch.Tensor, settings: Pretrain
         latents = posterior.mean + posterior.std * part.take(drawn).to(posterior.mean.device, posterior.mean.dtype)
         reconstruction = model.decode(latents).sample
         regulariser = settings.kl_weight * posterior.kl().float().mean()
-    reconstructing = reconstruction_loss(reconstruction.float(), images.float(), settings.ssim_weight)
+    reconstruction, images = reconstruction.float(), images.float()
+    reconstructing = reconstruction_loss(reconstruction, images, settings.ssim_weight)
     parts = {"reconstruction": float(reconstructing.detach()), "regulariser": float(regulariser.detach())}
     loss = reconstructing + regulariser
     if settings.lowpass_weight > 0:
-        lowpass = settings.lowpass_weight * lowpass_error(reconstruction.float(), images.float(), settings.lowpass_pool)
+        lowpass = settings.lowpass_weight * lowpass_error(reconstruction, images, settings.lowpass_pool)
         parts["lowpass"] = float(lowpass.detach())
         loss = loss + lowpass
     return loss, parts

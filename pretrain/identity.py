@@ -51,7 +51,8 @@ FIRST_STAGE_ONLY = ("lr_first_stage", "ssim_weight", "kl_weight", "first_stage_w
 # record without them is read as having used these, so older runs still resume and extend.
 ADDED_LATER = {"first_stage_whole_fraction": 0.0, "warmup_steps": 0, "lr_decay_after": None, "min_snr_gamma": None,
                "accumulation": 1, "lowpass_weight": 0.0, "lowpass_pool": 8}
-RECOVERY = ("lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight", "lowpass_weight", "batch_size")
+RECOVERY = ("lr_first_stage", "lr_unet", "weight_decay", "ssim_weight", "kl_weight", "lowpass_weight", "lowpass_pool",
+            "batch_size")
 
 
 def run_identity(config: PipelineConfig, configs: dict, data: dict, first_stage_digest: str | None = None) -> dict:
@@ -73,6 +74,8 @@ def run_identity(config: PipelineConfig, configs: dict, data: dict, first_stage_
         "first_stage_crop": crop_size(s.first_stage_crop, config.tiling.tile_size),  # None: whole tiles
         "settings": {k: v for k, v in s.model_dump(mode="json").items() if k not in left_out},
     }
+    if not s.lowpass_weight:  # the pool shapes a term that is off: every pool spells the same run
+        identity["settings"]["lowpass_pool"] = ADDED_LATER["lowpass_pool"]
     if first_stage_digest is not None:  # no phase 1: its settings change nothing, so they do not key the run
         identity["first_stage_from"] = first_stage_digest
         identity["first_stage_crop"] = None

@@ -32,7 +32,6 @@ CHANGED = {
     "pretrain.first_stage": "kl", "pretrain.unet_width": 16, "pretrain.splits": ["val"],
     "pretrain.first_stage_whole_fraction": 0.25, "pretrain.warmup_steps": 10, "pretrain.lr_decay_after": 100,
     "pretrain.min_snr_gamma": 5.0, "pretrain.accumulation": 2, "pretrain.lowpass_weight": 1.0,
-    "pretrain.lowpass_pool": 4,
 }
 LEGACY = ("models", "data", "tiling", "conditioning", "seed", "first_stage_steps", "first_stage_crop")
 # Settings that leave the weights as they are.
@@ -53,6 +52,13 @@ def test_every_setting_that_changes_the_weights_changes_the_key_and_no_other(tmp
     assert changed == [], f"not in the settings key: {changed}"
     unchanged = [name for name, value in UNCHANGED.items() if settings_key(tmp_path, **{name: value}) != base]
     assert unchanged == [], f"in the settings key though the weights stay: {unchanged}"
+
+
+def test_the_low_pass_pool_keys_the_run_only_when_the_term_is_on(tmp_path):
+    """With `lowpass_weight` 0 the pool changes nothing, so two spellings of that run are one run."""
+    assert settings_key(tmp_path, **{"pretrain.lowpass_pool": 4}) == settings_key(tmp_path)
+    on = {"pretrain.lowpass_weight": 1.0}
+    assert settings_key(tmp_path, **on, **{"pretrain.lowpass_pool": 4}) != settings_key(tmp_path, **on)
 
 
 def test_every_pretrain_setting_is_classified(tmp_path):
